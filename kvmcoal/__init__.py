@@ -1,0 +1,66 @@
+"""kvmcoal: the Linux KVM coalesced MMIO/PIO ring for Python.
+
+The ring is the shared page on which a producer (the kernel, or kvmcoal's
+model of it) records guest writes to device registers, and from which a
+consumer replays them, in order, without a VM exit per write.
+
+Set ``KVMCOAL_NO_EXTENSIONS=1`` to use the pure-Python twin of the ring
+instead of the C core (slower; the same behaviour).
+"""
+
+from __future__ import annotations
+
+import os as _os
+from typing import Any
+
+from .errors import KvmcoalError, RingCorruptedError
+
+if _os.environ.get("KVMCOAL_NO_EXTENSIONS"):
+    from . import _ring_py as _impl
+else:
+    from . import _ring as _impl
+
+ENTRY_SIZE: int = _impl.ENTRY_SIZE
+RING_HEADER_SIZE: int = _impl.RING_HEADER_SIZE
+MIN_RING_SIZE: int = _impl.MIN_RING_SIZE
+PAGE_SIZE: int = _impl.PAGE_SIZE
+RING_MAX: int = _impl.RING_MAX
+ring_max = _impl.ring_max
+Entry = _impl.Entry
+Ring = _impl.Ring
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ENTRY_DTYPE",
+    "ENTRY_SIZE",
+    "MIN_RING_SIZE",
+    "PAGE_SIZE",
+    "RING_HEADER_SIZE",
+    "RING_MAX",
+    "Entry",
+    "KvmcoalError",
+    "Ring",
+    "RingCorruptedError",
+    "ring_max",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # ENTRY_DTYPE is built on first use so that importing kvmcoal never
+    # imports numpy; without numpy the attribute does not exist.
+    if name == "ENTRY_DTYPE":
+        try:
+            import numpy
+        except ImportError:
+            raise AttributeError(
+                "kvmcoal.ENTRY_DTYPE needs numpy, which is not installed") from None
+        dtype = numpy.dtype({
+            "names": ["phys_addr", "len", "pio", "data"],
+            "formats": ["<u8", "<u4", "<u4", ("u1", (8,))],
+            "offsets": [0, 8, 12, 16],
+            "itemsize": ENTRY_SIZE,
+        })
+        globals()["ENTRY_DTYPE"] = dtype
+        return dtype
+    raise AttributeError(f"module 'kvmcoal' has no attribute {name!r}")

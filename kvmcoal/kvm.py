@@ -1,0 +1,420 @@
+"""A small VMM on /dev/kvm: the kernel as the ring's producer.
+
+On real KVM the kernel records coalesced writes in one ring per VM, which
+userspace maps through a vCPU fd at page ``coalesced_mmio_page_offset``;
+:attr:`Vm.ring` is a :class:`kvmcoal.Ring` over that page.  A VMM must drain
+the ring after every ``KVM_RUN`` return and *before* it handles the exit, so
+that the writes the guest made earlier reach the devices first.
+
+>>> from kvmcoal.kvm import Kvm, available
+>>> if available():
+...     with Kvm() as kvm, kvm.create_vm() as vm:
+...         _ = vm.add_memory(0, 0x10000)
+...         vcpu = vm.create_vcpu()
+...         vm.register_coalesced_mmio(0xd0000, 0x1000)
+...         type(vm.ring).__name__
+... else:
+...     'Ring'
+'Ring'
+
+The ioctl numbers and struct layouts come from ``<linux/kvm.h>`` through the
+C extension (``kvmcoal._ring.KVM_ABI`` and its marshalling functions); none
+is typed by hand here.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from . import _ring
+from ._ring import KvmRunView
+from .errors import KvmcoalError
+
+__all__ = [
+    "DEVICE",
+    "Exit",
+    "FailEntryExit",
+    "HltExit",
+    "InternalErrorExit",
+    "IoExit",
+    "Kvm",
+    "KvmUnavailableError",
+    "MmioExit",
+    "OtherExit",
+    "ShutdownExit",
+    "Vcpu",
+    "Vm",
+    "available",
+    "why_unavailable",
+]
+
+ABI: dict[str, int] = _ring.KVM_ABI
+DEVICE = "/dev/kvm"
+# Where real mode on Intel keeps its TSS; any unused guest-physical page range.
+_TSS_ADDR = 0xFFFBD000
+
+
+class KvmUnavailableError(KvmcoalError):
+    """/dev/kvm cannot be used here; the message says why and what to do."""
+
+
+def _open_kvm(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise KvmUnavailableError(
+            f"{path} does not exist: this host has no KVM (load the kvm_intel or "
+            f"kvm_amd module, or enable nested virtualisation for this VM)") from None
+    except PermissionError:
+        raise KvmUnavailableError(
+            f"permission denied opening {path}: add this user to the group that owns "
+            f"it (usually 'kvm': sudo usermod -aG kvm $USER, then log in again)") from None
+    except OSError as exc:
+        raise KvmUnavailableError(f"cannot open {path}: {exc.strerror}") from None
+
+
+def why_unavailable(path: str = DEVICE) -> str | None:
+    """None if *path* is a usable KVM device, else the reason it is not."""
+    try:
+        Kvm(path).close()
+    except KvmUnavailableError as exc:
+        return str(exc)
+    return None
+
+
+def available(path: str = DEVICE) -> bool:
+    """True if /dev/kvm can be opened and speaks the expected API."""
+    return why_unavailable(path) is None
+
+
+@dataclass(frozen=True)
+class Exit:
+    """Base of the typed results of :meth:`Vcpu.run`."""
+
+
+@dataclass(frozen=True)
+class MmioExit(Exit):
+    """KVM_EXIT_MMIO: an access to guest-physical memory no slot backs."""
+
+    phys_addr: int
+    data: bytes
+    is_write: bool
+
+    @property
+    def len(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class IoExit(Exit):
+    """KVM_EXIT_IO: ``count`` port accesses of ``size`` bytes (data for OUT)."""
+
+    port: int
+    size: int
+    count: int
+    is_out: bool
+    data: bytes
+
+
+@dataclass(frozen=True)
+class HltExit(Exit):
+    """KVM_EXIT_HLT: the guest executed HLT."""
+
+
+@dataclass(frozen=True)
+class ShutdownExit(Exit):
+    """KVM_EXIT_SHUTDOWN: triple fault or similar; the vCPU cannot go on."""
+
+
+@dataclass(frozen=True)
+class FailEntryExit(Exit):
+    """KVM_EXIT_FAIL_ENTRY: the hardware refused to enter the guest."""
+
+    hardware_entry_failure_reason: int
+    cpu: int
+
+
+@dataclass(frozen=True)
+class InternalErrorExit(Exit):
+    """KVM_EXIT_INTERNAL_ERROR, e.g. an instruction KVM could not emulate."""
+
+    suberror: int
+    data: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class OtherExit(Exit):
+    """Any other exit reason, by number."""
+
+    reason: int
+
+
+class Kvm:
+    """An open /dev/kvm: capabilities and VM creation."""
+
+    def __init__(self, path: str = DEVICE) -> None:
+        self._fd = _open_kvm(path)
+        try:
+            version = _ring.kvm_ioctl(self._fd, "KVM_GET_API_VERSION", 0)
+            if version != ABI["KVM_API_VERSION"]:
+                raise KvmUnavailableError(
+                    f"{path} speaks KVM API version {version}, "
+                    f"kvmcoal needs {ABI['KVM_API_VERSION']}")
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.api_version: int = version
+        self.path = path
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError("operation on a closed Kvm")
+        return self._fd
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION: 0 if *cap* is absent, else a cap-specific value."""
+        return _ring.kvm_ioctl(self.fileno(), "KVM_CHECK_EXTENSION", cap)
+
+    @property
+    def coalesced_mmio_page_offset(self) -> int:
+        """Page of the vCPU mapping that holds the ring (0: no coalesced MMIO)."""
+        return self.check_extension(ABI["KVM_CAP_COALESCED_MMIO"])
+
+    @property
+    def has_coalesced_pio(self) -> bool:
+        """Whether zones may be port I/O ranges (KVM_CAP_COALESCED_PIO)."""
+        return self.check_extension(ABI["KVM_CAP_COALESCED_PIO"]) > 0
+
+    @property
+    def vcpu_mmap_size(self) -> int:
+        """Bytes of a vCPU mapping: kvm_run, the PIO data page, the ring page, ..."""
+        return _ring.kvm_ioctl(self.fileno(), "KVM_GET_VCPU_MMAP_SIZE", 0)
+
+    def create_vm(self) -> Vm:
+        """A new, empty VM."""
+        return Vm(self)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Kvm:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Vm:
+    """A VM: guest memory, coalesced zones, vCPUs and the kernel's ring."""
+
+    def __init__(self, kvm: Kvm) -> None:
+        self.kvm = kvm
+        self._ring_page = kvm.coalesced_mmio_page_offset
+        self._has_pio = kvm.has_coalesced_pio
+        self._fd = _ring.kvm_ioctl(kvm.fileno(), "KVM_CREATE_VM", 0)
+        try:
+            os.set_inheritable(self._fd, False)
+            if kvm.check_extension(ABI["KVM_CAP_SET_TSS_ADDR"]):
+                _ring.kvm_ioctl(self._fd, "KVM_SET_TSS_ADDR", _TSS_ADDR)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._memory: list[mmap.mmap] = []
+        self._vcpus: list[Vcpu] = []
+        self._ring: _ring.Ring | None = None
+        self._ring_map: mmap.mmap | None = None
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError("operation on a closed Vm")
+        return self._fd
+
+    def add_memory(self, guest_phys_addr: int, size: int) -> mmap.mmap:
+        """Back [guest_phys_addr, +size) with new zeroed memory and return it."""
+        if size <= 0 or size % mmap.PAGESIZE or guest_phys_addr % mmap.PAGESIZE:
+            raise ValueError(f"guest memory at {guest_phys_addr:#x} of {size:#x} bytes "
+                             f"must be page-aligned and non-empty")
+        memory = mmap.mmap(-1, size, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        try:
+            _ring.kvm_set_user_memory_region(self.fileno(), len(self._memory),
+                                             guest_phys_addr, memory)
+        except BaseException:
+            memory.close()
+            raise
+        self._memory.append(memory)
+        return memory
+
+    def register_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
+        """Coalesce guest writes to [addr, addr+size) (ports if *pio*)."""
+        self._zone_ioctl(True, addr, size, pio)
+
+    def unregister_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
+        """Remove every zone of the same kind that contains [addr, addr+size)."""
+        self._zone_ioctl(False, addr, size, pio)
+
+    def _zone_ioctl(self, register: bool, addr: int, size: int, pio: bool) -> None:
+        if not self._ring_page:
+            raise KvmUnavailableError("this kernel has no coalesced MMIO (KVM_CAP_COALESCED_MMIO)")
+        if pio and not self._has_pio:
+            raise KvmUnavailableError("this kernel has no coalesced PIO (KVM_CAP_COALESCED_PIO)")
+        if not 0 <= addr < 1 << 64:
+            raise ValueError(f"zone address {addr:#x} is out of the u64 range")
+        if not 0 <= size < 1 << 32:
+            raise ValueError(f"zone size {size:#x} is out of the u32 range")
+        _ring.kvm_coalesced_zone(self.fileno(), register, addr, size, 1 if pio else 0)
+
+    def create_vcpu(self) -> Vcpu:
+        """A new vCPU with the next free id."""
+        vcpu = Vcpu(self, len(self._vcpus))
+        self._vcpus.append(vcpu)
+        return vcpu
+
+    @property
+    def ring(self) -> _ring.Ring:
+        """The VM-wide coalesced ring, mapped through the first vCPU's fd."""
+        if self._ring is None:
+            if not self._ring_page:
+                raise KvmUnavailableError("this kernel has no coalesced MMIO ring")
+            if not self._vcpus:
+                raise ValueError("the ring is mapped through a vCPU: create one first")
+            self._ring_map = mmap.mmap(self._vcpus[0].fileno(), mmap.PAGESIZE,
+                                       offset=self._ring_page * mmap.PAGESIZE)
+            self._ring = _ring.Ring(self._ring_map)
+        return self._ring
+
+    def close(self) -> None:
+        """Release the ring, close every vCPU, the VM fd and guest memory."""
+        if self._ring is not None:
+            self._ring.release()
+            self._ring = None
+        if self._ring_map is not None:
+            self._ring_map.close()
+            self._ring_map = None
+        for vcpu in self._vcpus:
+            vcpu.close()
+        self._vcpus.clear()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        for memory in self._memory:
+            memory.close()
+        self._memory.clear()
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Vcpu:
+    """A vCPU: registers, KVM_RUN and its typed exits."""
+
+    def __init__(self, vm: Vm, vcpu_id: int) -> None:
+        self.vm = vm
+        self.id = vcpu_id
+        self._fd = _ring.kvm_ioctl(vm.fileno(), "KVM_CREATE_VCPU", vcpu_id)
+        try:
+            os.set_inheritable(self._fd, False)
+            self._map = mmap.mmap(self._fd, vm.kvm.vcpu_mmap_size)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._run = KvmRunView(self._map)
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError("operation on a closed Vcpu")
+        return self._fd
+
+    def get_regs(self) -> dict[str, int]:
+        return _ring.kvm_get_regs(self.fileno())
+
+    def set_regs(self, **regs: int) -> None:
+        """Change the named general-purpose registers (rax, ..., rip, rflags)."""
+        _ring.kvm_set_regs(self.fileno(), regs)
+
+    def get_sregs(self) -> dict[str, Any]:
+        return _ring.kvm_get_sregs(self.fileno())
+
+    def set_sregs(self, changes: dict[str, Any]) -> None:
+        """Change special registers; segments field by field (see kvm_set_sregs)."""
+        _ring.kvm_set_sregs(self.fileno(), changes)
+
+    def setup_real_mode(self, ip: int, *, segments: dict[str, int] | None = None,
+                        **regs: int) -> None:
+        """Start in 16-bit real mode at cs=0, ip=*ip*.
+
+        *segments* maps segment names ("ds", "es", ...) to selectors (base =
+        selector * 16); *regs* sets general-purpose registers.
+        """
+        selectors = {"cs": 0, "ds": 0, "es": 0, "fs": 0, "gs": 0, "ss": 0}
+        selectors.update(segments or {})
+        self.set_sregs({name: {"selector": sel, "base": sel * 16}
+                        for name, sel in selectors.items()})
+        self.set_regs(rip=ip, rflags=0x2, **regs)
+
+    def run(self) -> Exit:
+        """Enter the guest until it exits to userspace; return the exit.
+
+        A signal that interrupts KVM_RUN runs its Python handler and the vCPU
+        is entered again, unless the handler raised.
+        """
+        fd = self.fileno()
+        while not _ring.kvm_run_vcpu(fd):
+            pass
+        return self._decode_exit()
+
+    def _decode_exit(self) -> Exit:
+        run = self._run
+        reason = run.exit_reason
+        if reason == ABI["KVM_EXIT_MMIO"]:
+            phys_addr, data, is_write = run.mmio()
+            return MmioExit(phys_addr, data, is_write)
+        if reason == ABI["KVM_EXIT_IO"]:
+            direction, size, port, count, offset = run.io()
+            is_out = direction == ABI["KVM_EXIT_IO_OUT"]
+            data = self._map[offset:offset + size * count] if is_out else b""
+            return IoExit(port, size, count, is_out, data)
+        if reason == ABI["KVM_EXIT_HLT"]:
+            return HltExit()
+        if reason == ABI["KVM_EXIT_SHUTDOWN"]:
+            return ShutdownExit()
+        if reason == ABI["KVM_EXIT_FAIL_ENTRY"]:
+            return FailEntryExit(*run.fail_entry())
+        if reason == ABI["KVM_EXIT_INTERNAL_ERROR"]:
+            return InternalErrorExit(*run.internal())
+        return OtherExit(reason)
+
+    def complete_mmio_read(self, data: bytes) -> None:
+        """Give the value of the MMIO read the last exit asked for."""
+        if self._run.exit_reason != ABI["KVM_EXIT_MMIO"]:
+            raise ValueError("the last exit was not MMIO")
+        self._run.set_mmio_data(data)
+
+    def complete_io_in(self, data: bytes) -> None:
+        """Give the bytes of the IN the last exit asked for (size * count)."""
+        if self._run.exit_reason != ABI["KVM_EXIT_IO"]:
+            raise ValueError("the last exit was not port I/O")
+        direction, size, _port, count, offset = self._run.io()
+        if direction != ABI["KVM_EXIT_IO_IN"] or len(data) != size * count:
+            raise ValueError(f"the pending IN takes {size * count} bytes, got {len(data)}")
+        self._map[offset:offset + len(data)] = data
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._run.release()
+            self._map.close()
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Vcpu:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,243 @@
+# Included by ring.pyx: the /dev/kvm ABI, marshalled through the structs of
+# <linux/kvm.h>.  kvmcoal/kvm.py builds the VMM on top of these functions.
+
+from libc.errno cimport errno, EINTR
+import os as _os
+
+KVM_ABI = {
+    "KVM_API_VERSION": KVM_API_VERSION,
+    "KVM_GET_API_VERSION": KVM_GET_API_VERSION,
+    "KVM_CREATE_VM": KVM_CREATE_VM,
+    "KVM_CHECK_EXTENSION": KVM_CHECK_EXTENSION,
+    "KVM_GET_VCPU_MMAP_SIZE": KVM_GET_VCPU_MMAP_SIZE,
+    "KVM_CREATE_VCPU": KVM_CREATE_VCPU,
+    "KVM_SET_TSS_ADDR": KVM_SET_TSS_ADDR,
+    "KVM_CAP_COALESCED_MMIO": KVM_CAP_COALESCED_MMIO,
+    "KVM_CAP_COALESCED_PIO": KVM_CAP_COALESCED_PIO,
+    "KVM_CAP_USER_MEMORY": KVM_CAP_USER_MEMORY,
+    "KVM_CAP_SET_TSS_ADDR": KVM_CAP_SET_TSS_ADDR,
+    "KVM_EXIT_UNKNOWN": KVM_EXIT_UNKNOWN,
+    "KVM_EXIT_EXCEPTION": KVM_EXIT_EXCEPTION,
+    "KVM_EXIT_IO": KVM_EXIT_IO,
+    "KVM_EXIT_HYPERCALL": KVM_EXIT_HYPERCALL,
+    "KVM_EXIT_DEBUG": KVM_EXIT_DEBUG,
+    "KVM_EXIT_HLT": KVM_EXIT_HLT,
+    "KVM_EXIT_MMIO": KVM_EXIT_MMIO,
+    "KVM_EXIT_IRQ_WINDOW_OPEN": KVM_EXIT_IRQ_WINDOW_OPEN,
+    "KVM_EXIT_SHUTDOWN": KVM_EXIT_SHUTDOWN,
+    "KVM_EXIT_FAIL_ENTRY": KVM_EXIT_FAIL_ENTRY,
+    "KVM_EXIT_INTR": KVM_EXIT_INTR,
+    "KVM_EXIT_INTERNAL_ERROR": KVM_EXIT_INTERNAL_ERROR,
+    "KVM_EXIT_SYSTEM_EVENT": KVM_EXIT_SYSTEM_EVENT,
+    "KVM_EXIT_IO_IN": KVM_EXIT_IO_IN,
+    "KVM_EXIT_IO_OUT": KVM_EXIT_IO_OUT,
+}
+
+
+cdef int _kvm_check(int rc, str what) except -1:
+    if rc < 0:
+        err = errno
+        raise OSError(err, f"{what}: {_os.strerror(err)}")
+    return rc
+
+
+def kvm_coalesced_zone(int vmfd, bint register, addr, size, pio):
+    """KVM_(UN)REGISTER_COALESCED_MMIO for the zone (addr, size, pio)."""
+    cdef kvm_coalesced_mmio_zone zone
+    zone.addr = addr
+    zone.size = size
+    zone.pio = pio
+    cdef unsigned long request = (KVM_REGISTER_COALESCED_MMIO if register
+                                  else KVM_UNREGISTER_COALESCED_MMIO)
+    _kvm_check(ioctl(vmfd, request, &zone),
+               "KVM_REGISTER_COALESCED_MMIO" if register else "KVM_UNREGISTER_COALESCED_MMIO")
+
+
+def kvm_set_user_memory_region(int vmfd, uint32_t slot, uint64_t guest_phys_addr,
+                               memory, uint32_t flags=0):
+    """Back guest memory at guest_phys_addr with the writable buffer *memory*.
+
+    The caller must keep *memory* alive and mapped while the VM may use it.
+    """
+    cdef Py_buffer view
+    cdef kvm_userspace_memory_region region
+    _get_writable_buffer(memory, &view, "guest memory")
+    region.slot = slot
+    region.flags = flags
+    region.guest_phys_addr = guest_phys_addr
+    region.memory_size = view.len
+    region.userspace_addr = <uint64_t><size_t>view.buf
+    PyBuffer_Release(&view)
+    _kvm_check(ioctl(vmfd, KVM_SET_USER_MEMORY_REGION, &region),
+               "KVM_SET_USER_MEMORY_REGION")
+
+
+def kvm_get_regs(int vcpufd):
+    """KVM_GET_REGS as a dict of the general-purpose registers, rip and rflags."""
+    cdef kvm_regs regs
+    _kvm_check(ioctl(vcpufd, KVM_GET_REGS, &regs), "KVM_GET_REGS")
+    return regs
+
+
+def kvm_set_regs(int vcpufd, changes):
+    """KVM_SET_REGS: the current registers with the given ones changed."""
+    current = kvm_get_regs(vcpufd)
+    unknown = set(changes) - set(current)
+    if unknown:
+        raise ValueError(f"unknown register(s): {', '.join(sorted(unknown))}")
+    current.update(changes)
+    cdef kvm_regs regs = current
+    _kvm_check(ioctl(vcpufd, KVM_SET_REGS, &regs), "KVM_SET_REGS")
+
+
+def kvm_get_sregs(int vcpufd):
+    """KVM_GET_SREGS as a dict; segments and descriptor tables are nested dicts."""
+    cdef kvm_sregs sregs
+    _kvm_check(ioctl(vcpufd, KVM_GET_SREGS, &sregs), "KVM_GET_SREGS")
+    return sregs
+
+
+def kvm_set_sregs(int vcpufd, changes):
+    """KVM_SET_SREGS: the current special registers with the given fields changed.
+
+    A segment or table is changed field by field: ``{"cs": {"base": 0}}``
+    keeps the other fields of cs as they are.
+    """
+    cdef kvm_sregs sregs
+    _kvm_check(ioctl(vcpufd, KVM_GET_SREGS, &sregs), "KVM_GET_SREGS")
+    current = <dict>sregs
+    for name, value in changes.items():
+        if name not in current:
+            raise ValueError(f"unknown special register {name!r}")
+        if isinstance(current[name], dict):
+            unknown = set(value) - set(current[name])
+            if unknown:
+                raise ValueError(f"unknown field(s) of {name}: {', '.join(sorted(unknown))}")
+            current[name].update(value)
+        else:
+            current[name] = value
+    sregs = current
+    _kvm_check(ioctl(vcpufd, KVM_SET_SREGS, &sregs), "KVM_SET_SREGS")
+
+
+def kvm_run_vcpu(int vcpufd):
+    """KVM_RUN without the GIL; returns when the vCPU exits to userspace.
+
+    An interrupting signal makes it return early (exit reason KVM_EXIT_INTR
+    is then not set); Python signal handlers run before it returns.
+    """
+    cdef int rc
+    with nogil:
+        rc = ioctl(vcpufd, KVM_RUN, 0)
+    if rc < 0 and errno == EINTR:
+        PyErr_CheckSignals()
+        return False
+    _kvm_check(rc, "KVM_RUN")
+    return True
+
+
+@cython.final
+cdef class KvmRunView:
+    """Typed access to a vCPU's ``struct kvm_run`` in its mapping (offset 0)."""
+
+    cdef Py_buffer _view
+    cdef kvm_run *_run
+    cdef bint _live
+
+    def __init__(self, mapping):
+        _get_writable_buffer(mapping, &self._view, "KvmRunView")
+        if <size_t>self._view.len < sizeof(kvm_run):
+            PyBuffer_Release(&self._view)
+            raise ValueError(f"a vCPU mapping of {self._view.len} bytes cannot hold "
+                             f"struct kvm_run ({sizeof(kvm_run)} bytes)")
+        self._run = <kvm_run *>self._view.buf
+        self._live = True
+
+    def __dealloc__(self):
+        if self._live:
+            PyBuffer_Release(&self._view)
+
+    def release(self):
+        if self._live:
+            self._live = False
+            PyBuffer_Release(&self._view)
+
+    cdef inline kvm_run *_get(self) except NULL:
+        if not self._live:
+            raise ValueError("operation on a released KvmRunView")
+        return self._run
+
+    @property
+    def exit_reason(self):
+        return self._get().exit_reason
+
+    @property
+    def immediate_exit(self):
+        return self._get().immediate_exit
+
+    @immediate_exit.setter
+    def immediate_exit(self, value):
+        self._get().immediate_exit = 1 if value else 0
+
+    def mmio(self):
+        """(phys_addr, data, is_write) of a KVM_EXIT_MMIO; data has len bytes."""
+        cdef kvm_run *run = self._get()
+        cdef uint32_t n = run.mmio.len
+        if n > 8:
+            raise KvmcoalError(f"kvm_run.mmio.len={n} is larger than its 8-byte buffer")
+        return (run.mmio.phys_addr,
+                PyBytes_FromStringAndSize(<const char *>run.mmio.data, n),
+                run.mmio.is_write != 0)
+
+    def set_mmio_data(self, data):
+        """Answer a KVM_EXIT_MMIO read with *data* (its len bytes)."""
+        cdef kvm_run *run = self._get()
+        cdef const unsigned char[:] src = data
+        if <uint32_t>src.shape[0] != run.mmio.len or run.mmio.len > 8:
+            raise ValueError(f"an MMIO read of {run.mmio.len} bytes needs "
+                             f"{run.mmio.len} bytes of data, got {src.shape[0]}")
+        if src.shape[0]:
+            memcpy(run.mmio.data, &src[0], src.shape[0])
+
+    def io(self):
+        """(direction, size, port, count, data_offset) of a KVM_EXIT_IO.
+
+        data_offset is checked to lie inside the mapping with size * count bytes.
+        """
+        cdef kvm_run *run = self._get()
+        cdef uint64_t end = run.io.data_offset + <uint64_t>run.io.size * run.io.count
+        if end < run.io.data_offset or end > <uint64_t>self._view.len:
+            raise KvmcoalError(f"kvm_run.io data at {run.io.data_offset} "
+                               f"({run.io.size} x {run.io.count} bytes) lies outside "
+                               f"the {self._view.len}-byte vCPU mapping")
+        return (run.io.direction, run.io.size, run.io.port, run.io.count, run.io.data_offset)
+
+    def fail_entry(self):
+        """(hardware_entry_failure_reason, cpu) of a KVM_EXIT_FAIL_ENTRY."""
+        cdef kvm_run *run = self._get()
+        return (run.fail_entry.hardware_entry_failure_reason, run.fail_entry.cpu)
+
+    def internal(self):
+        """(suberror, data words) of a KVM_EXIT_INTERNAL_ERROR."""
+        cdef kvm_run *run = self._get()
+        cdef uint32_t n = min(run.internal.ndata, 16)
+        return (run.internal.suberror, tuple(run.internal.data[i] for i in range(n)))
+
+    def exception(self):
+        """(exception, error_code) of a KVM_EXIT_EXCEPTION."""
+        cdef kvm_run *run = self._get()
+        return (run.ex.exception, run.ex.error_code)
+
+    def hardware_exit_reason(self):
+        """hardware_exit_reason of a KVM_EXIT_UNKNOWN."""
+        return self._get().hw.hardware_exit_reason
+
+
+def kvm_ioctl(int fd, str name, unsigned long arg=0):
+    """Issue the argument-by-value ioctl *name* (a key of KVM_ABI) on *fd*."""
+    cdef unsigned long request
+    try:
+        request = KVM_ABI[name]
+    except KeyError:
+        raise ValueError(f"unknown KVM ioctl {name!r}") from None
+    return _kvm_check(ioctl(fd, request, arg), name)

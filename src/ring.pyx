@@ -1,0 +1,496 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: freethreading_compatible=False
+"""The KVM coalesced MMIO/PIO ring, in C (kvmcoal._ring).
+
+The ring logic is in ring_impl.c; this layer owns the Python objects: it
+holds the caller's buffer, turns ring entries into Entry objects or handler
+calls, and serializes consumers.  kvmcoal._ring_py is its pure-Python twin
+and test oracle; kvmcoal/_ring.pyi documents the API both share.
+"""
+
+cimport cython
+from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE,
+                             PyBUF_C_CONTIGUOUS, PyBUF_SIMPLE)
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.long cimport PyLong_FromUnsignedLongLong
+from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_acquire_lock, PyThread_release_lock,
+                               PyThread_get_thread_ident, WAIT_LOCK, NOWAIT_LOCK)
+from libc.stdint cimport uint32_t, uint64_t, int64_t
+from libc.string cimport memcpy, memset
+from posix.unistd cimport sysconf, _SC_PAGESIZE
+
+from ring_impl cimport *
+from kvm_abi cimport *
+from cpython.exc cimport PyErr_CheckSignals
+
+from kvmcoal.errors import KvmcoalError, RingCorruptedError
+
+ENTRY_SIZE = KC_ENTRY_SIZE
+RING_HEADER_SIZE = KC_HEADER_SIZE
+MIN_RING_SIZE = KC_MIN_RING_BYTES
+PAGE_SIZE = sysconf(_SC_PAGESIZE)
+
+
+def ring_max(nbytes):
+    """Number of slots of a ring occupying *nbytes* bytes (see _ring.pyi)."""
+    cdef Py_ssize_t n
+    if not isinstance(nbytes, int):
+        raise TypeError(f"nbytes must be an int, not {type(nbytes).__name__!r}")
+    if nbytes < <Py_ssize_t>KC_MIN_RING_BYTES:
+        raise ValueError(f"nbytes={nbytes} is smaller than the "
+                         f"{KC_MIN_RING_BYTES}-byte minimum ring")
+    slots = (nbytes - KC_HEADER_SIZE) // KC_ENTRY_SIZE
+    if slots > KC_MAX_SLOTS:
+        raise ValueError(f"nbytes={nbytes} gives {slots} slots, more than the "
+                         f"{KC_MAX_SLOTS} that 32-bit ring indices can address")
+    return slots
+
+
+RING_MAX = ring_max(PAGE_SIZE)
+
+
+cdef int _get_writable_buffer(object obj, Py_buffer *view, str what) except -1:
+    """Export obj as a writable C-contiguous buffer, or say exactly why not."""
+    try:
+        PyObject_GetBuffer(obj, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+        return 0
+    except (BufferError, TypeError, ValueError):
+        pass
+    try:
+        probe = memoryview(obj)
+    except TypeError:
+        raise TypeError(f"{what} needs a writable bytes-like object, "
+                        f"not {type(obj).__name__!r}") from None
+    with probe:
+        if probe.readonly:
+            raise TypeError(f"{what} needs a writable buffer; "
+                            f"this {type(obj).__name__!r} is read-only")
+        if not probe.c_contiguous:
+            raise ValueError(f"{what} needs a C-contiguous buffer")
+    # Writable and contiguous, yet the export failed: report the exporter's reason.
+    PyObject_GetBuffer(obj, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+    return 0
+
+
+cdef inline uint64_t _as_u64(object value, str what) except? 0xFFFFFFFFFFFFFFFF:
+    cdef uint64_t out
+    try:
+        out = value
+    except OverflowError:
+        raise ValueError(f"{what}={value} is out of the u64 range") from None
+    except TypeError:
+        raise TypeError(f"{what} must be an int, not {type(value).__name__!r}") from None
+    return out
+
+
+cdef int _fill_entry(kc_entry *e, object phys_addr, object data, object pio) except -1:
+    """Validate a write given from Python and build its ring record."""
+    cdef Py_buffer view
+    cdef Py_ssize_t n
+    e.phys_addr = _as_u64(phys_addr, "phys_addr")
+    e.pio = 1 if pio else 0
+    memset(e.data, 0, KC_MAX_DATA)
+    if type(data) is bytes:
+        n = len(<bytes>data)
+        if 0 < n <= <Py_ssize_t>KC_MAX_DATA:
+            memcpy(e.data, <const char *>data, n)
+    else:
+        try:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        except (BufferError, TypeError):
+            raise TypeError(f"data must be a bytes-like object, "
+                            f"not {type(data).__name__!r}") from None
+        n = view.len
+        if 0 < n <= <Py_ssize_t>KC_MAX_DATA:
+            memcpy(e.data, view.buf, n)
+        PyBuffer_Release(&view)
+    if not 0 < n <= <Py_ssize_t>KC_MAX_DATA:
+        raise ValueError(f"data must be 1 to {KC_MAX_DATA} bytes, got {n}")
+    e.len = <uint32_t>n
+    return 0
+
+
+@cython.final
+@cython.freelist(256)
+cdef class Entry:
+    """One coalesced write, as the consumer delivers it (immutable)."""
+
+    cdef kc_entry _e
+
+    def __init__(self, phys_addr, data, pio=False):
+        _fill_entry(&self._e, phys_addr, data, pio)
+
+    @staticmethod
+    cdef inline Entry _from(const kc_entry *e):
+        cdef Entry self = Entry.__new__(Entry)
+        self._e = e[0]
+        return self
+
+    @property
+    def phys_addr(self):
+        """Guest-physical address (MMIO) or port number (PIO) written."""
+        return self._e.phys_addr
+
+    @property
+    def len(self):
+        """Width of the write in bytes, 1 to 8."""
+        return self._e.len
+
+    @property
+    def pio(self):
+        """True for a port I/O write, False for MMIO."""
+        return self._e.pio != 0
+
+    @property
+    def data(self):
+        """The bytes written, ``len`` of them."""
+        return PyBytes_FromStringAndSize(<const char *>self._e.data, self._e.len)
+
+    @property
+    def value(self):
+        """``data`` as a little-endian unsigned integer."""
+        return kc_entry_value(&self._e)
+
+    def __eq__(self, other):
+        if type(other) is not Entry:
+            return NotImplemented
+        cdef Entry o = <Entry>other
+        return (self._e.phys_addr == o._e.phys_addr and self._e.len == o._e.len
+                and self._e.pio == o._e.pio
+                and kc_entry_value(&self._e) == kc_entry_value(&o._e))
+
+    def __hash__(self):
+        return hash((self.phys_addr, self.data, self.pio))
+
+    def __repr__(self):
+        return f"Entry(phys_addr={self.phys_addr:#x}, data={self.data!r}, pio={self.pio})"
+
+    def __reduce__(self):
+        return (Entry, (self.phys_addr, self.data, self.pio))
+
+
+cdef object _corrupted(const kc_ring *r, int status, uint32_t bad, uint32_t index):
+    if status == KC_E_BAD_FIRST or status == KC_E_BAD_LAST:
+        field = "first" if status == KC_E_BAD_FIRST else "last"
+        return RingCorruptedError(
+            f"ring index {field}={bad} is out of range for a ring of {r.max} slots",
+            field, bad, None)
+    if status == KC_E_BAD_LEN:
+        return RingCorruptedError(
+            f"entry at slot {index} has len={bad}, expected 1 to {KC_MAX_DATA}",
+            "len", bad, index)
+    return RingCorruptedError(
+        f"entry at slot {index} has pio={bad}, expected 0 or 1", "pio", bad, index)
+
+
+cdef Py_ssize_t _as_limit(object limit) except -2:
+    """-1 for no limit, else the limit, which must be a non-negative int."""
+    if limit is None:
+        return -1
+    if not isinstance(limit, int):
+        raise TypeError(f"limit must be an int or None, not {type(limit).__name__!r}")
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    return min(limit, <Py_ssize_t>KC_MAX_SLOTS)
+
+
+cdef class Ring:
+    """A coalesced MMIO/PIO ring over a writable, C-contiguous buffer.
+
+    See kvmcoal/_ring.pyi for the full contract.
+    """
+
+    cdef kc_ring _r
+    cdef Py_buffer _view
+    cdef bint _live
+    cdef bint _legacy
+    cdef Py_ssize_t _nbytes
+    # Serializes consumers; _owner tells a nested call from another thread's.
+    cdef PyThread_type_lock _lock
+    cdef unsigned long _owner
+
+    def __cinit__(self):
+        self._lock = PyThread_allocate_lock()
+        if self._lock == NULL:
+            raise MemoryError("cannot allocate the ring's consumer lock")
+
+    def __init__(self, buffer, *, size=None, legacy_full_check=False):
+        cdef Py_ssize_t nbytes
+        cdef int rc
+        if self._live:
+            raise RuntimeError("Ring.__init__ called on a live ring")
+        _get_writable_buffer(buffer, &self._view, "Ring")
+        try:
+            nbytes = self._view.len
+            if size is not None:
+                if not isinstance(size, int):
+                    raise TypeError(f"size must be an int, not {type(size).__name__!r}")
+                if size > nbytes:
+                    raise ValueError(f"size={size} exceeds the buffer's {nbytes} bytes")
+                if size < <Py_ssize_t>KC_MIN_RING_BYTES:
+                    raise ValueError(f"size={size} is smaller than the "
+                                     f"{KC_MIN_RING_BYTES}-byte minimum ring")
+                nbytes = size
+            elif nbytes < <Py_ssize_t>KC_MIN_RING_BYTES:
+                raise ValueError(f"buffer of {nbytes} bytes is smaller than the "
+                                 f"{KC_MIN_RING_BYTES}-byte minimum ring")
+            rc = kc_ring_init(&self._r, self._view.buf, nbytes)
+            if rc == KC_E_TOO_LARGE:
+                ring_max(nbytes)  # raises the ValueError that explains it
+            if rc == KC_E_MISALIGNED:
+                raise ValueError("the ring buffer's address must be 4-byte aligned "
+                                 "(its indices are accessed atomically)")
+        except BaseException:
+            PyBuffer_Release(&self._view)
+            raise
+        self._nbytes = nbytes
+        self._legacy = bool(legacy_full_check)
+        self._live = True
+
+    def __dealloc__(self):
+        if self._live:
+            PyBuffer_Release(&self._view)
+        if self._lock != NULL:
+            PyThread_free_lock(self._lock)
+
+    cdef inline int _check_live(self) except -1:
+        if not self._live:
+            raise ValueError("operation on a released Ring")
+        return 0
+
+    cdef int _enter_consumer(self) except -1:
+        """Take the consumer lock: 1 if taken, 0 for a nested call (deliver nothing)."""
+        self._check_live()
+        if not PyThread_acquire_lock(self._lock, NOWAIT_LOCK):
+            if self._owner == PyThread_get_thread_ident():
+                return 0
+            with nogil:
+                PyThread_acquire_lock(self._lock, WAIT_LOCK)
+            if not self._live:  # released while we waited
+                PyThread_release_lock(self._lock)
+                self._check_live()
+        self._owner = PyThread_get_thread_ident()
+        return 1
+
+    cdef inline void _exit_consumer(self):
+        self._owner = 0
+        PyThread_release_lock(self._lock)
+
+    cdef int _enter_exclusive(self, str what) except -1:
+        """Take the consumer lock for reset/release, which a handler must not call."""
+        if not PyThread_acquire_lock(self._lock, NOWAIT_LOCK):
+            if self._owner == PyThread_get_thread_ident():
+                raise RuntimeError(f"Ring.{what}() called from inside consume()")
+            with nogil:
+                PyThread_acquire_lock(self._lock, WAIT_LOCK)
+        return 0
+
+    @property
+    def max(self):
+        """Slots in the ring, ``ring_max(nbytes)``."""
+        self._check_live()
+        return self._r.max
+
+    @property
+    def capacity(self):
+        """Entries the ring can hold: ``max - 1``."""
+        self._check_live()
+        return self._r.max - 1
+
+    @property
+    def nbytes(self):
+        """Bytes of the buffer the ring occupies."""
+        self._check_live()
+        return self._nbytes
+
+    @property
+    def first(self):
+        """The consumer index as it is in memory now (not validated)."""
+        self._check_live()
+        return kc_ring_peek_first(&self._r)
+
+    @property
+    def last(self):
+        """The producer index as it is in memory now (not validated)."""
+        self._check_live()
+        return kc_ring_peek_last(&self._r)
+
+    @property
+    def legacy_full_check(self):
+        """Whether push() reproduces the pre-6.12 full check."""
+        self._check_live()
+        return self._legacy
+
+    @property
+    def released(self):
+        """True after release()."""
+        return not self._live
+
+    def __len__(self):
+        cdef uint32_t first, bad = 0
+        self._check_live()
+        cdef int64_t pending = kc_ring_begin(&self._r, &first, &bad)
+        if pending < 0:
+            raise _corrupted(&self._r, <int>pending, bad, 0)
+        return pending
+
+    def __repr__(self):
+        if not self._live:
+            return "<kvmcoal._ring.Ring released>"
+        return (f"<kvmcoal._ring.Ring max={self._r.max} first={kc_ring_peek_first(&self._r)} "
+                f"last={kc_ring_peek_last(&self._r)}>")
+
+    def reset(self):
+        """Empty the ring: set ``first`` and ``last`` to 0."""
+        self._check_live()
+        self._enter_exclusive("reset")
+        if self._live:
+            kc_ring_reset(&self._r)
+        PyThread_release_lock(self._lock)
+        self._check_live()
+
+    def release(self):
+        """Let go of the buffer; later calls raise ValueError.  Idempotent."""
+        if not self._live:
+            return
+        self._enter_exclusive("release")
+        if self._live:
+            self._live = False
+            PyBuffer_Release(&self._view)
+        PyThread_release_lock(self._lock)
+
+    def __enter__(self):
+        self._check_live()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+    def push(self, phys_addr, data, *, pio=False):
+        """Record a write as the kernel does; False if the kernel would refuse it."""
+        cdef kc_entry e
+        self._check_live()
+        _fill_entry(&e, phys_addr, data, pio)
+        return kc_ring_push(&self._r, e.phys_addr, e.data, e.len, e.pio,
+                            self._legacy) == KC_PUSH_OK
+
+    def pop(self):
+        """Consume and return the oldest entry, or None if the ring is empty."""
+        cdef uint32_t first, bad = 0
+        cdef int64_t pending
+        cdef int rc
+        cdef kc_entry e
+        if not self._enter_consumer():
+            return None
+        try:
+            pending = kc_ring_begin(&self._r, &first, &bad)
+            if pending < 0:
+                raise _corrupted(&self._r, <int>pending, bad, 0)
+            if pending == 0:
+                return None
+            rc = kc_ring_read(&self._r, first, &e, &bad)
+            if rc != KC_OK:
+                raise _corrupted(&self._r, rc, bad, first)
+            entry = Entry._from(&e)
+            kc_ring_publish_first(&self._r, kc_ring_next(&self._r, first))
+            return entry
+        finally:
+            self._exit_consumer()
+
+    def drain(self, limit=None):
+        """Consume and return the pending entries (at most *limit*), oldest first."""
+        cdef Py_ssize_t n = _as_limit(limit), i
+        cdef uint32_t first, idx, bad = 0
+        cdef int64_t pending
+        cdef int rc = KC_OK
+        cdef kc_entry e
+        cdef list out = []
+        if not self._enter_consumer():
+            return out
+        try:
+            pending = kc_ring_begin(&self._r, &first, &bad)
+            if pending < 0:
+                raise _corrupted(&self._r, <int>pending, bad, 0)
+            if n < 0 or pending < n:
+                n = <Py_ssize_t>pending
+            idx = first
+            for i in range(n):
+                rc = kc_ring_read(&self._r, idx, &e, &bad)
+                if rc != KC_OK:
+                    if i == 0:
+                        raise _corrupted(&self._r, rc, bad, idx)
+                    break  # deliver the good prefix; the next call raises
+                out.append(Entry._from(&e))
+                idx = kc_ring_next(&self._r, idx)
+            if idx != first:
+                kc_ring_publish_first(&self._r, idx)
+            return out
+        finally:
+            self._exit_consumer()
+
+    def drain_into(self, out):
+        """Copy pending entries into *out* as raw 24-byte records; returns how many."""
+        cdef Py_buffer view
+        cdef size_t done = 0
+        cdef int status = KC_OK
+        cdef uint32_t bad = 0, bad_index = 0
+        self._check_live()
+        _get_writable_buffer(out, &view, "drain_into()")
+        try:
+            if not self._enter_consumer():
+                return 0
+            with nogil:
+                done = kc_ring_drain_into(&self._r, view.buf, <size_t>view.len // KC_ENTRY_SIZE,
+                                          &status, &bad, &bad_index)
+            self._exit_consumer()
+        finally:
+            PyBuffer_Release(&view)
+        if done == 0 and status != KC_OK:
+            raise _corrupted(&self._r, status, bad, bad_index)
+        return done
+
+    def consume(self, handler, limit=None):
+        """Call ``handler(phys_addr, data, pio)`` for each pending entry, in order."""
+        cdef Py_ssize_t n = _as_limit(limit), i
+        cdef uint32_t first, idx, bad = 0
+        cdef int64_t pending
+        cdef int rc
+        cdef kc_entry e
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {type(handler).__name__!r}")
+        if not self._enter_consumer():
+            return 0
+        try:
+            pending = kc_ring_begin(&self._r, &first, &bad)
+            if pending < 0:
+                raise _corrupted(&self._r, <int>pending, bad, 0)
+            if n < 0 or pending < n:
+                n = <Py_ssize_t>pending
+            idx = first
+            for i in range(n):
+                rc = kc_ring_read(&self._r, idx, &e, &bad)
+                if rc != KC_OK:
+                    raise _corrupted(&self._r, rc, bad, idx)
+                addr = PyLong_FromUnsignedLongLong(e.phys_addr)
+                data = PyBytes_FromStringAndSize(<const char *>e.data, e.len)
+                # Consumed before the handler runs: a raising handler never
+                # sees the same entry twice.
+                idx = kc_ring_next(&self._r, idx)
+                kc_ring_publish_first(&self._r, idx)
+                handler(addr, data, e.pio != 0)
+            return n
+        finally:
+            self._exit_consumer()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        entry = self.pop()
+        if entry is None:
+            raise StopIteration
+        return entry
+
+
+include "kvm.pxi"

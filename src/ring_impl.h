@@ -1,0 +1,187 @@
+/*
+ * ring_impl.h - the KVM coalesced MMIO/PIO ring, without any Python.
+ *
+ * The layout is the kernel's (struct kvm_coalesced_mmio_ring from
+ * <linux/kvm.h>); only the number of slots is ours, derived from the length
+ * of the memory the ring lives in, because the uapi KVM_COALESCED_MMIO_MAX
+ * needs the kernel's PAGE_SIZE and userspace must not assume 4 KiB.
+ *
+ * Both indices live in memory that another party may write at any moment
+ * (the kernel, a producer process, or a hostile one).  Every value read from
+ * the ring is therefore loaded once into a local and validated before it is
+ * used as an index or a length; entries are copied out before they are
+ * checked, so a concurrent writer cannot change what was validated.
+ *
+ * Small consumer helpers are static inline so the Cython hot loops inline
+ * them; the batch loops and the producer live in ring_impl.c.
+ */
+#ifndef KVMCOAL_RING_IMPL_H
+#define KVMCOAL_RING_IMPL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <linux/kvm.h>
+
+typedef struct kvm_coalesced_mmio kc_entry;
+
+#define KC_ENTRY_SIZE       (sizeof(struct kvm_coalesced_mmio))
+#define KC_HEADER_SIZE      (offsetof(struct kvm_coalesced_mmio_ring, coalesced_mmio))
+#define KC_MIN_RING_BYTES   (KC_HEADER_SIZE + KC_ENTRY_SIZE)
+#define KC_MAX_DATA         (sizeof(((kc_entry *)0)->data))
+/* Index arithmetic is 32-bit, like the kernel's. */
+#define KC_MAX_SLOTS        UINT32_MAX
+
+_Static_assert(sizeof(struct kvm_coalesced_mmio) == 24, "ABI: entry is 24 bytes");
+_Static_assert(offsetof(struct kvm_coalesced_mmio_ring, coalesced_mmio) == 8,
+               "ABI: entries start at offset 8");
+_Static_assert(offsetof(struct kvm_coalesced_mmio, data) == 16, "ABI: data at 16");
+
+/* Status codes shared by the C functions; 0 is success. */
+enum kc_status {
+    KC_OK = 0,
+    /* kc_ring_init */
+    KC_E_TOO_SMALL = -1,      /* fewer than KC_MIN_RING_BYTES */
+    KC_E_TOO_LARGE = -2,      /* more than KC_MAX_SLOTS slots */
+    KC_E_MISALIGNED = -3,     /* indices would not be 4-byte aligned */
+    /* consumer: the shared memory holds something the kernel never writes */
+    KC_E_BAD_FIRST = -10,
+    KC_E_BAD_LAST = -11,
+    KC_E_BAD_LEN = -12,
+    KC_E_BAD_PIO = -13,
+};
+
+/* Producer results: the kernel either records the write or refuses it. */
+enum kc_push_result {
+    KC_PUSH_OK = 0,
+    KC_PUSH_FULL = 1,         /* (last + 1) % max == first */
+    KC_PUSH_BAD_LAST = 2,     /* last >= max: refused since CVE-2019-14821 */
+};
+
+typedef struct kc_ring {
+    unsigned char *base;      /* struct kvm_coalesced_mmio_ring, maybe unaligned past 4 */
+    uint32_t max;             /* slots; at most max - 1 entries are pending */
+} kc_ring;
+
+/* Number of slots a ring of nbytes holds, 0 if nbytes is too small. */
+static inline uint64_t kc_ring_max_for(size_t nbytes)
+{
+    if (nbytes < KC_MIN_RING_BYTES)
+        return 0;
+    return (uint64_t)(nbytes - KC_HEADER_SIZE) / KC_ENTRY_SIZE;
+}
+
+static inline uint32_t *kc_first_ptr(const kc_ring *r)
+{
+    return (uint32_t *)(r->base + offsetof(struct kvm_coalesced_mmio_ring, first));
+}
+
+static inline uint32_t *kc_last_ptr(const kc_ring *r)
+{
+    return (uint32_t *)(r->base + offsetof(struct kvm_coalesced_mmio_ring, last));
+}
+
+static inline unsigned char *kc_slot(const kc_ring *r, uint32_t idx)
+{
+    return r->base + KC_HEADER_SIZE + (size_t)idx * KC_ENTRY_SIZE;
+}
+
+/* Raw index reads for diagnostics (no validation, no ordering). */
+static inline uint32_t kc_ring_peek_first(const kc_ring *r)
+{
+    return __atomic_load_n(kc_first_ptr(r), __ATOMIC_RELAXED);
+}
+
+static inline uint32_t kc_ring_peek_last(const kc_ring *r)
+{
+    return __atomic_load_n(kc_last_ptr(r), __ATOMIC_ACQUIRE);
+}
+
+/*
+ * Start a consumer batch: load first (ours) and last (the producer's, with
+ * acquire so the entries it published are visible), validate both and return
+ * how many entries are pending.  On corruption returns a negative kc_status
+ * and leaves the offending value in *bad.
+ */
+static inline int64_t kc_ring_begin(const kc_ring *r, uint32_t *first_out, uint32_t *bad)
+{
+    uint32_t first = __atomic_load_n(kc_first_ptr(r), __ATOMIC_RELAXED);
+    uint32_t last = __atomic_load_n(kc_last_ptr(r), __ATOMIC_ACQUIRE);
+    if (first >= r->max) {
+        *bad = first;
+        return KC_E_BAD_FIRST;
+    }
+    if (last >= r->max) {
+        *bad = last;
+        return KC_E_BAD_LAST;
+    }
+    *first_out = first;
+    return last >= first ? (int64_t)(last - first) : (int64_t)r->max - first + last;
+}
+
+/*
+ * Copy slot idx (< max, checked by the caller) into *out and validate the copy.
+ * Data bytes past len are zeroed in the copy so that callers see a clean
+ * little-endian value whatever stale bytes the producer left behind.
+ */
+static inline int kc_ring_read(const kc_ring *r, uint32_t idx, kc_entry *out, uint32_t *bad)
+{
+    memcpy(out, kc_slot(r, idx), KC_ENTRY_SIZE);
+    if (out->len == 0 || out->len > KC_MAX_DATA) {
+        *bad = out->len;
+        return KC_E_BAD_LEN;
+    }
+    if (out->pio > 1) {
+        *bad = out->pio;
+        return KC_E_BAD_PIO;
+    }
+    memset(out->data + out->len, 0, KC_MAX_DATA - out->len);
+    return KC_OK;
+}
+
+/* Hand slots up to (not including) first back to the producer. */
+static inline void kc_ring_publish_first(const kc_ring *r, uint32_t first)
+{
+    __atomic_store_n(kc_first_ptr(r), first, __ATOMIC_RELEASE);
+}
+
+static inline uint32_t kc_ring_next(const kc_ring *r, uint32_t idx)
+{
+    return idx + 1 == r->max ? 0 : idx + 1;
+}
+
+/* Little-endian value of a validated entry's data. */
+static inline uint64_t kc_entry_value(const kc_entry *e)
+{
+    uint64_t v = 0;
+    for (uint32_t i = e->len; i-- > 0;)
+        v = (v << 8) | e->data[i];
+    return v;
+}
+
+int kc_ring_init(kc_ring *r, void *base, size_t nbytes);
+
+/*
+ * The kernel's producer (virt/kvm/coalesced_mmio.c, Linux 6.12+): refuse if
+ * last >= max or the ring is full, else fill slot last and publish last + 1
+ * with a release store.  legacy_full_check reproduces the pre-6.12 check whose
+ * unsigned wraparound made the ring look full early.  len must be 1..8 and pio
+ * 0 or 1 (the caller validates).
+ */
+int kc_ring_push(const kc_ring *r, uint64_t phys_addr, const void *data, uint32_t len,
+                 uint32_t pio, int legacy_full_check);
+
+/*
+ * Batch consumer: copy up to n pending entries into out (raw ABI records),
+ * validating each, then publish first once.  Returns the number copied.  If
+ * the ring is corrupt *status is set to a negative kc_status, *bad to the
+ * offending value and *bad_index to its slot; the entries before it are still
+ * copied and consumed, and the corrupt one stays at first.
+ */
+size_t kc_ring_drain_into(const kc_ring *r, void *out, size_t n, int *status,
+                          uint32_t *bad, uint32_t *bad_index);
+
+/* Empty the ring by setting both indices to 0. */
+void kc_ring_reset(const kc_ring *r);
+
+#endif
