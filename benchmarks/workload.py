@@ -1,0 +1,89 @@
+"""The workload shared by the pytest benchmarks and ``report.py``.
+
+A one-page ring (``bytearray(kvmcoal.PAGE_SIZE)``) refilled to capacity
+(``RING_MAX - 1`` entries, 169 on 4 KiB pages) with writes of mixed widths
+(1, 2, 4 and 8 bytes) and a mix of MMIO and PIO, through ``Ring.push`` (the
+kernel's producer model).  Refilling happens outside the timed region: each
+timed call drains exactly one full ring.
+
+The ring is never reset between rounds, so successive rounds start at
+successive slots (a full drain leaves ``first == last``; the next fill
+wraps around the end), and every start position is exercised.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import kvmcoal
+
+# Rounds per pytest benchmark (each round drains one full ring).
+ROUNDS = int(os.environ.get("KVMCOAL_BENCH_ROUNDS", "3000"))
+WARMUP_ROUNDS = int(os.environ.get("KVMCOAL_BENCH_WARMUP", "200"))
+
+WIDTHS = (1, 2, 4, 8)
+MMIO_BASE = 0xFE00_0000
+PIO_BASE = 0x3F8
+PIO_EVERY = 5                     # every 5th entry is a port write
+
+_RECORD = struct.Struct("<QII8s")
+
+
+def empty_handler(a, d, p):
+    """The 3-argument handler that does nothing."""
+
+
+def make_entries(n: int) -> list[tuple[int, bytes, bool]]:
+    """*n* ``(phys_addr, data, pio)`` writes of widths 1, 2, 4, 8 in turn."""
+    entries = []
+    for i in range(n):
+        width = WIDTHS[i % len(WIDTHS)]
+        data = bytes((i + k) & 0xFF for k in range(width))
+        pio = i % PIO_EVERY == 0
+        addr = PIO_BASE + (i % 8) if pio else MMIO_BASE + 8 * i
+        entries.append((addr, data, pio))
+    return entries
+
+
+class FullRing:
+    """A one-page ring plus everything needed to refill and check it."""
+
+    def __init__(self, nbytes: int | None = None) -> None:
+        self.buf = bytearray(kvmcoal.PAGE_SIZE if nbytes is None else nbytes)
+        self.ring = kvmcoal.Ring(self.buf)
+        self.max = self.ring.max
+        self.capacity = self.ring.capacity
+        self.entries = make_entries(self.capacity)
+        # What a full drain must produce, in each output form.
+        self.expected_entries = [kvmcoal.Entry(a, d, p) for a, d, p in self.entries]
+        self.expected_records = b"".join(
+            _RECORD.pack(a, len(d), int(p), d) for a, d, p in self.entries)
+        self.expected_triples = [(a, d, p) for a, d, p in self.entries]
+        self.refills = 0
+
+    def refill(self) -> None:
+        """Fill the ring to capacity; it must be empty (fully drained) first.
+
+        Used as pytest-benchmark's ``setup`` and as timeit's setup, so it
+        also checks, outside the timed region, that the previous timed call
+        consumed the whole ring.
+        """
+        ring = self.ring
+        left = len(ring)
+        if left:
+            raise AssertionError(
+                f"the previous timed call left {left} of {self.capacity} entries "
+                "in the ring: the benchmark did not drain it")
+        push = ring.push
+        for addr, data, pio in self.entries:
+            if not push(addr, data, pio=pio):
+                raise AssertionError("push refused a write into a ring being refilled")
+        if len(ring) != self.capacity:
+            raise AssertionError(f"refill left {len(ring)} entries, not {self.capacity}")
+        self.refills += 1
+
+    def assert_empty(self) -> None:
+        left = len(self.ring)
+        assert left == 0, f"{left} entries left in the ring after a full drain"
+        assert self.ring.first == self.ring.last
