@@ -85,3 +85,17 @@ def plain_handler_loop(handler: Handler, n: int, args: tuple[Any, ...]) -> int:
     for _ in range(n):
         handler(a, d, p)
     return n
+
+
+def plain_handler_loop_star(handler: Handler, n: int, args: tuple[Any, ...]) -> int:
+    """:func:`plain_handler_loop` written as ``handler(*args)``.
+
+    The same loop, but each call unpacks the argument tuple.  That costs
+    about a third more per call on CPython 3.11, so against this form
+    ``consume`` looks better than against :func:`plain_handler_loop`; it is
+    kept only to show the difference, and the consume target is judged
+    against :func:`plain_handler_loop`.  Returns *n*.
+    """
+    for _ in range(n):
+        handler(*args)
+    return n

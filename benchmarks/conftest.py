@@ -6,7 +6,7 @@ fills it to capacity (``RING_MAX - 1`` entries of widths 1, 2, 4, 8) with
 ``Ring.push``.  Benchmarks pass ``refill`` as pytest-benchmark's ``setup``,
 so every timed round drains one full ring and the refill is not timed.
 
-``KVMCOAL_BENCH_ROUNDS`` (default 3000) and ``KVMCOAL_BENCH_WARMUP``
+``KVMCOAL_BENCH_ROUNDS`` (default 5000) and ``KVMCOAL_BENCH_WARMUP``
 (default 200) set the rounds per benchmark.
 """
 

@@ -94,3 +94,11 @@ def test_plain_python_loop_baseline(benchmark, run_full_ring, full_ring):
     count = run_full_ring(baselines.plain_handler_loop, empty_handler, full_ring.capacity, args,
                           setup=None)
     assert count == full_ring.capacity
+
+
+def test_plain_python_loop_star_args_reference(benchmark, run_full_ring, full_ring):
+    """Reference only: the plain loop written ``handler(*args)`` (slower per call)."""
+    args = full_ring.expected_triples[0]
+    count = run_full_ring(baselines.plain_handler_loop_star, empty_handler, full_ring.capacity,
+                          args, setup=None)
+    assert count == full_ring.capacity

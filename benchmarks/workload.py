@@ -19,7 +19,7 @@ import struct
 import kvmcoal
 
 # Rounds per pytest benchmark (each round drains one full ring).
-ROUNDS = int(os.environ.get("KVMCOAL_BENCH_ROUNDS", "3000"))
+ROUNDS = int(os.environ.get("KVMCOAL_BENCH_ROUNDS", "5000"))
 WARMUP_ROUNDS = int(os.environ.get("KVMCOAL_BENCH_WARMUP", "200"))
 
 WIDTHS = (1, 2, 4, 8)

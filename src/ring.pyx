@@ -454,6 +454,7 @@ cdef class Ring:
         """Call ``handler(phys_addr, data, pio)`` for each pending entry, in order."""
         cdef Py_ssize_t n = _as_limit(limit), i
         cdef uint32_t first, idx, bad = 0
+        cdef uint64_t prev_addr = 0
         cdef int64_t pending
         cdef int rc
         cdef kc_entry e
@@ -468,11 +469,15 @@ cdef class Ring:
             if n < 0 or pending < n:
                 n = <Py_ssize_t>pending
             idx = first
+            addr = None
             for i in range(n):
                 rc = kc_ring_read(&self._r, idx, &e, &bad)
                 if rc != KC_OK:
                     raise _corrupted(&self._r, rc, bad, idx)
-                addr = PyLong_FromUnsignedLongLong(e.phys_addr)
+                # Chatty registers repeat their address: reuse the int object.
+                if addr is None or e.phys_addr != prev_addr:
+                    addr = PyLong_FromUnsignedLongLong(e.phys_addr)
+                    prev_addr = e.phys_addr
                 data = PyBytes_FromStringAndSize(<const char *>e.data, e.len)
                 # Consumed before the handler runs: a raising handler never
                 # sees the same entry twice.

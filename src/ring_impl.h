@@ -119,6 +119,19 @@ static inline int64_t kc_ring_begin(const kc_ring *r, uint32_t *first_out, uint3
     return last >= first ? (int64_t)(last - first) : (int64_t)r->max - first + last;
 }
 
+/* Zero data[len..8): a fixed-size mask, not a variable-length memset call. */
+static inline void kc_zero_data_tail(kc_entry *e)
+{
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    uint64_t d;
+    memcpy(&d, e->data, sizeof d);
+    d &= e->len >= 8 ? ~(uint64_t)0 : ((uint64_t)1 << (8 * e->len)) - 1;
+    memcpy(e->data, &d, sizeof d);
+#else
+    memset(e->data + e->len, 0, KC_MAX_DATA - e->len);
+#endif
+}
+
 /*
  * Copy slot idx (< max, checked by the caller) into *out and validate the copy.
  * Data bytes past len are zeroed in the copy so that callers see a clean
@@ -135,7 +148,7 @@ static inline int kc_ring_read(const kc_ring *r, uint32_t idx, kc_entry *out, ui
         *bad = out->pio;
         return KC_E_BAD_PIO;
     }
-    memset(out->data + out->len, 0, KC_MAX_DATA - out->len);
+    kc_zero_data_tail(out);
     return KC_OK;
 }
 
