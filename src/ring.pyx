@@ -1,5 +1,4 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-# cython: freethreading_compatible=False
 """The KVM coalesced MMIO/PIO ring, in C (kvmcoal._ring).
 
 The ring logic is in ring_impl.c; this layer owns the Python objects: it
@@ -34,7 +33,6 @@ PAGE_SIZE = sysconf(_SC_PAGESIZE)
 
 def ring_max(nbytes):
     """Number of slots of a ring occupying *nbytes* bytes (see _ring.pyi)."""
-    cdef Py_ssize_t n
     if not isinstance(nbytes, int):
         raise TypeError(f"nbytes must be an int, not {type(nbytes).__name__!r}")
     if nbytes < <Py_ssize_t>KC_MIN_RING_BYTES:
