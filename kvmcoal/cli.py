@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from . import PAGE_SIZE, RING_MAX, Ring, guests, kvm
@@ -25,12 +25,24 @@ PORT = 0x400
 CODE_ADDR = 0x1000
 
 
-def expected_writes(iterations: int, first_value: int = 0):
+def expected_writes(iterations: int, first_value: int = 0) -> Iterator[tuple[int, int, bool, int]]:
     """The (addr, len, pio, value) stream of the store_loop guest, in order."""
     for v in range(first_value, first_value + iterations):
         yield (MMIO_REG, 4, False, v & 0xFFFFFFFF)
         yield (MMIO_REG + 8, 2, False, v & 0xFFFF)
         yield (PORT, 1, True, v & 0xFF)
+
+
+def _drain_and_check(ring: Ring, expected: Iterator[tuple[int, int, bool, int]],
+                     sample: list[str]) -> int:
+    """Drain the ring, checking each entry is the next expected write; keep a few."""
+    entries = ring.drain()
+    for entry in entries:
+        if next(expected, None) != (entry.phys_addr, entry.len, entry.pio, entry.value):
+            raise RuntimeError(f"ring entry out of order: {entry}")
+        if len(sample) < 6:
+            sample.append(repr(entry))
+    return len(entries)
 
 
 def run_guest(iterations: int, coalesced: bool) -> dict[str, Any]:
@@ -54,12 +66,7 @@ def run_guest(iterations: int, coalesced: bool) -> dict[str, Any]:
         while True:
             exit_ = vcpu.run()
             # Drain before handling the exit: earlier writes come first.
-            for entry in ring.drain():
-                if next(expected) != (entry.phys_addr, entry.len, entry.pio, entry.value):
-                    raise RuntimeError(f"ring entry out of order: {entry}")
-                if len(sample) < 6:
-                    sample.append(repr(entry))
-                from_ring += 1
+            from_ring += _drain_and_check(ring, expected, sample)
             if isinstance(exit_, kvm.HltExit):
                 break
             exits += 1
@@ -90,12 +97,7 @@ def run_software(iterations: int) -> dict[str, Any]:
         data = value.to_bytes(length, "little")
         while not ring.push(addr, data, pio=pio):
             drains += 1
-            for entry in ring.drain():
-                if next(expected) != (entry.phys_addr, entry.len, entry.pio, entry.value):
-                    raise RuntimeError(f"ring entry out of order: {entry}")
-                if len(sample) < 6:
-                    sample.append(repr(entry))
-                from_ring += 1
+            from_ring += _drain_and_check(ring, expected, sample)
     from_ring += len(ring.drain())
     elapsed = time.perf_counter() - start
     writes = 3 * iterations
