@@ -16,7 +16,7 @@ from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThr
                                PyThread_acquire_lock, PyThread_release_lock,
                                PyThread_get_thread_ident, WAIT_LOCK, NOWAIT_LOCK)
 from libc.stdint cimport uint32_t, uint64_t, int64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 from posix.unistd cimport sysconf, _SC_PAGESIZE
 
 from ring_impl cimport *
@@ -452,10 +452,9 @@ cdef class Ring:
         """Call ``handler(phys_addr, data, pio)`` for each pending entry, in order."""
         cdef Py_ssize_t n = _as_limit(limit), i
         cdef uint32_t first, idx, bad = 0
-        cdef uint64_t prev_addr = 0
         cdef int64_t pending
         cdef int rc
-        cdef kc_entry e
+        cdef kc_entry e, prev
         if not callable(handler):
             raise TypeError(f"handler must be callable, not {type(handler).__name__!r}")
         if not self._enter_consumer():
@@ -467,16 +466,18 @@ cdef class Ring:
             if n < 0 or pending < n:
                 n = <Py_ssize_t>pending
             idx = first
-            addr = None
+            addr = data = None
             for i in range(n):
                 rc = kc_ring_read(&self._r, idx, &e, &bad)
                 if rc != KC_OK:
                     raise _corrupted(&self._r, rc, bad, idx)
-                # Chatty registers repeat their address: reuse the int object.
-                if addr is None or e.phys_addr != prev_addr:
+                # Chatty registers repeat their address, and often their value
+                # (doorbells, fills): reuse the immutable int and bytes objects.
+                if addr is None or e.phys_addr != prev.phys_addr:
                     addr = PyLong_FromUnsignedLongLong(e.phys_addr)
-                    prev_addr = e.phys_addr
-                data = PyBytes_FromStringAndSize(<const char *>e.data, e.len)
+                if data is None or e.len != prev.len or memcmp(e.data, prev.data, KC_MAX_DATA):
+                    data = PyBytes_FromStringAndSize(<const char *>e.data, e.len)
+                prev = e
                 # Consumed before the handler runs: a raising handler never
                 # sees the same entry twice.
                 idx = kc_ring_next(&self._r, idx)

@@ -318,3 +318,14 @@ def test_reset_empties(impl):
     set_indices(buf, 99, 7)
     ring.reset()
     assert (ring.first, ring.last, len(ring)) == (0, 0, 0)
+
+
+def test_consume_with_repeated_addresses_and_values(impl):
+    ring = impl.Ring(bytearray(4096))
+    writes = [(0x10, b"\x01\x00"), (0x10, b"\x01\x00"), (0x10, b"\x02\x00"), (0x18, b"\x02\x00"),
+              (0x18, b"\x02"), (0x18, b"\x02\x00\x00\x00"), (0x10, b"\x02\x00\x00\x00")]
+    for addr, data in writes:
+        ring.push(addr, data)
+    seen = []
+    ring.consume(lambda a, d, p: seen.append((a, d)))
+    assert seen == writes
