@@ -1,7 +1,7 @@
 # Included by ring.pyx: the /dev/kvm ABI, marshalled through the structs of
 # <linux/kvm.h>.  kvmcoal/kvm.py builds the VMM on top of these functions.
 
-from libc.errno cimport errno, EINTR
+from libc.errno cimport EINTR
 import os as _os
 
 KVM_ABI = {

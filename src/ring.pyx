@@ -23,6 +23,10 @@ from ring_impl cimport *
 from kvm_abi cimport *
 from cpython.exc cimport PyErr_CheckSignals
 
+from cpython.exc cimport PyErr_SetFromErrno
+from libc.errno cimport errno
+import os
+
 from kvmcoal.errors import KvmcoalError, RingCorruptedError
 
 ENTRY_SIZE = KC_ENTRY_SIZE
@@ -207,11 +211,15 @@ cdef class Ring:
     # Serializes consumers; _owner tells a nested call from another thread's.
     cdef PyThread_type_lock _lock
     cdef unsigned long _owner
+    # The producer side's lock, the kernel's per-ring spinlock: push() and
+    # EmulatedVm.write (which runs without the GIL) take it.
+    cdef pthread_mutex_t _plock
 
     def __cinit__(self):
         self._lock = PyThread_allocate_lock()
         if self._lock == NULL:
             raise MemoryError("cannot allocate the ring's consumer lock")
+        pthread_mutex_init(&self._plock, NULL)
 
     def __init__(self, buffer, *, size=None, legacy_full_check=False):
         cdef Py_ssize_t nbytes
@@ -251,6 +259,7 @@ cdef class Ring:
             PyBuffer_Release(&self._view)
         if self._lock != NULL:
             PyThread_free_lock(self._lock)
+        pthread_mutex_destroy(&self._plock)
 
     cdef inline int _check_live(self) except -1:
         if not self._live:
@@ -274,6 +283,44 @@ cdef class Ring:
     cdef inline void _exit_consumer(self):
         self._owner = 0
         PyThread_release_lock(self._lock)
+
+    cdef int _consumer_idle(self) except -1:
+        """With a notifier attached, clear the wakeup once the ring is empty."""
+        if self._r.efd >= 0 and kc_ring_peek_first(&self._r) == kc_ring_peek_last(&self._r):
+            if kc_ring_notify_consumer_idle(&self._r) < 0:
+                PyErr_SetFromErrno(OSError)
+        return 0
+
+    cdef int _produce(self, const kc_entry *e) noexcept nogil:
+        """Push under the producer lock and signal a sleeping consumer.
+
+        Returns a kc_push_result, KC_PUSH_RELEASED once the ring is released,
+        or -errno if the wakeup could not be signalled (the entry is in).
+        """
+        cdef int rc
+        pthread_mutex_lock(&self._plock)
+        if not self._live:
+            rc = KC_PUSH_RELEASED
+        else:
+            rc = kc_ring_push(&self._r, e.phys_addr, e.data, e.len, e.pio, self._legacy)
+            if rc == KC_PUSH_OK and kc_ring_notify_producer(&self._r) < 0:
+                rc = -errno
+        pthread_mutex_unlock(&self._plock)
+        return rc
+
+    def _attach_notifier(self, int efd, Py_ssize_t offset):
+        """Signal *efd* on pushes; the shared signalled word is at *offset* in the buffer.
+
+        Internal to CoalescedBuffer, which owns the eventfd and detaches it
+        (release()) before closing it.
+        """
+        self._check_live()
+        if offset < self._nbytes or offset + 4 > self._view.len or offset % 4:
+            raise ValueError(f"notifier word at offset {offset} is not an aligned word "
+                             f"past the ring ({self._nbytes} of {self._view.len} bytes)")
+        pthread_mutex_lock(&self._plock)
+        kc_ring_set_notifier(&self._r, efd, <uint32_t *>(<char *>self._view.buf + offset))
+        pthread_mutex_unlock(&self._plock)
 
     cdef int _enter_exclusive(self, str what) except -1:
         """Take the consumer lock for reset/release, which a handler must not call."""
@@ -353,9 +400,13 @@ cdef class Ring:
         if not self._live:
             return
         self._enter_exclusive("release")
+        with nogil:  # a writer without the GIL may hold it
+            pthread_mutex_lock(&self._plock)
         if self._live:
             self._live = False
+            kc_ring_set_notifier(&self._r, -1, NULL)
             PyBuffer_Release(&self._view)
+        pthread_mutex_unlock(&self._plock)
         PyThread_release_lock(self._lock)
 
     def __enter__(self):
@@ -368,10 +419,13 @@ cdef class Ring:
     def push(self, phys_addr, data, *, pio=False):
         """Record a write as the kernel does; False if the kernel would refuse it."""
         cdef kc_entry e
+        cdef int rc
         self._check_live()
         _fill_entry(&e, phys_addr, data, pio)
-        return kc_ring_push(&self._r, e.phys_addr, e.data, e.len, e.pio,
-                            self._legacy) == KC_PUSH_OK
+        rc = self._produce(&e)
+        if rc < 0:
+            raise OSError(-rc, f"cannot signal the ring's eventfd: {os.strerror(-rc)}")
+        return rc == KC_PUSH_OK
 
     def pop(self):
         """Consume and return the oldest entry, or None if the ring is empty."""
@@ -386,12 +440,14 @@ cdef class Ring:
             if pending < 0:
                 raise _corrupted(&self._r, <int>pending, bad, 0)
             if pending == 0:
+                self._consumer_idle()
                 return None
             rc = kc_ring_read(&self._r, first, &e, &bad)
             if rc != KC_OK:
                 raise _corrupted(&self._r, rc, bad, first)
             entry = Entry._from(&e)
             kc_ring_publish_first(&self._r, kc_ring_next(&self._r, first))
+            self._consumer_idle()
             return entry
         finally:
             self._exit_consumer()
@@ -423,6 +479,7 @@ cdef class Ring:
                 idx = kc_ring_next(&self._r, idx)
             if idx != first:
                 kc_ring_publish_first(&self._r, idx)
+            self._consumer_idle()
             return out
         finally:
             self._exit_consumer()
@@ -438,10 +495,14 @@ cdef class Ring:
         try:
             if not self._enter_consumer():
                 return 0
-            with nogil:
-                done = kc_ring_drain_into(&self._r, view.buf, <size_t>view.len // KC_ENTRY_SIZE,
-                                          &status, &bad, &bad_index)
-            self._exit_consumer()
+            try:
+                with nogil:
+                    done = kc_ring_drain_into(&self._r, view.buf,
+                                              <size_t>view.len // KC_ENTRY_SIZE,
+                                              &status, &bad, &bad_index)
+                self._consumer_idle()
+            finally:
+                self._exit_consumer()
         finally:
             PyBuffer_Release(&view)
         if done == 0 and status != KC_OK:
@@ -483,6 +544,7 @@ cdef class Ring:
                 idx = kc_ring_next(&self._r, idx)
                 kc_ring_publish_first(&self._r, idx)
                 handler(addr, data, e.pio != 0)
+            self._consumer_idle()
             return n
         finally:
             self._exit_consumer()

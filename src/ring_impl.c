@@ -4,6 +4,9 @@
  */
 #include "ring_impl.h"
 
+#include <errno.h>
+#include <unistd.h>
+
 int kc_ring_init(kc_ring *r, void *base, size_t nbytes)
 {
     uint64_t max = kc_ring_max_for(nbytes);
@@ -17,6 +20,8 @@ int kc_ring_init(kc_ring *r, void *base, size_t nbytes)
         return KC_E_MISALIGNED;
     r->base = base;
     r->max = (uint32_t)max;
+    r->efd = -1;
+    r->signaled = NULL;
     return KC_OK;
 }
 
@@ -101,4 +106,49 @@ void kc_ring_reset(const kc_ring *r)
 {
     __atomic_store_n(kc_first_ptr(r), 0, __ATOMIC_RELAXED);
     __atomic_store_n(kc_last_ptr(r), 0, __ATOMIC_RELEASE);
+}
+
+void kc_ring_set_notifier(kc_ring *r, int efd, uint32_t *signaled)
+{
+    r->efd = signaled ? efd : -1;
+    r->signaled = efd >= 0 ? signaled : NULL;
+}
+
+int kc_ring_notify_producer(const kc_ring *r)
+{
+    uint32_t expected = 0;
+    uint64_t one = 1;
+
+    if (r->efd < 0)
+        return 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(r->signaled, __ATOMIC_RELAXED) != 0)
+        return 0;
+    if (!__atomic_compare_exchange_n(r->signaled, &expected, 1, 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_RELAXED))
+        return 0;
+    while (write(r->efd, &one, sizeof one) < 0) {
+        if (errno != EINTR)
+            return -1;
+    }
+    return 0;
+}
+
+int kc_ring_notify_consumer_idle(const kc_ring *r)
+{
+    uint64_t count;
+
+    if (r->efd < 0)
+        return 0;
+    while (read(r->efd, &count, sizeof count) < 0) {
+        if (errno == EAGAIN)
+            break;
+        if (errno != EINTR)
+            return -1;
+    }
+    __atomic_store_n(r->signaled, 0, __ATOMIC_SEQ_CST);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (kc_ring_peek_first(r) != kc_ring_peek_last(r))
+        return kc_ring_notify_producer(r);
+    return 0;
 }

@@ -56,11 +56,19 @@ enum kc_push_result {
     KC_PUSH_OK = 0,
     KC_PUSH_FULL = 1,         /* (last + 1) % max == first */
     KC_PUSH_BAD_LAST = 2,     /* last >= max: refused since CVE-2019-14821 */
+    KC_PUSH_RELEASED = 3,     /* the Python Ring was released (never from kc_ring_push) */
 };
 
 typedef struct kc_ring {
     unsigned char *base;      /* struct kvm_coalesced_mmio_ring, maybe unaligned past 4 */
     uint32_t max;             /* slots; at most max - 1 entries are pending */
+    /*
+     * Optional wakeup notifier (see "Wakeups" below): an eventfd that is
+     * readable while the ring holds entries, and a word in shared memory
+     * that says whether it has been (or is being) signalled.  efd < 0: none.
+     */
+    int efd;
+    uint32_t *signaled;
 } kc_ring;
 
 /* Number of slots a ring of nbytes holds, 0 if nbytes is too small. */
@@ -173,6 +181,32 @@ static inline uint64_t kc_entry_value(const kc_entry *e)
 }
 
 int kc_ring_init(kc_ring *r, void *base, size_t nbytes);
+
+/*
+ * Wakeups.  The eventfd must be readable whenever the ring is non-empty (no
+ * lost wakeup) and should cost no system call per entry.  The shared word
+ * `signaled` is 1 from the moment a producer decides to signal until the
+ * consumer clears the eventfd.
+ *
+ *   producer, after publishing last:   fence; if signaled == 0 and
+ *                                      CAS(signaled, 0 -> 1): write(efd, 1)
+ *   consumer, on leaving it empty:     read(efd) (clears it); signaled = 0;
+ *                                      fence; if the ring is not empty after
+ *                                      all, signal as a producer would
+ *
+ * The two full fences form a store-buffering pair: either the consumer's
+ * re-check sees the new entry, or the producer sees signaled == 0 and
+ * signals; both cannot miss.  Only the first entry after the consumer went
+ * idle costs the producer a write(); the consumer pays one read() each time
+ * it empties the ring.  In one narrow race (a producer that won the CAS
+ * writes the eventfd after the consumer cleared it) the fd is spuriously
+ * readable once; the next idle clears it.  A peer that scribbles on the word
+ * can cause spurious or missed wakeups, never a memory error.
+ */
+void kc_ring_set_notifier(kc_ring *r, int efd, uint32_t *signaled);
+/* Returns 0, or -1 with errno set if the eventfd could not be written. */
+int kc_ring_notify_producer(const kc_ring *r);
+int kc_ring_notify_consumer_idle(const kc_ring *r);
 
 /*
  * The kernel's producer (virt/kvm/coalesced_mmio.c, Linux 6.12+): refuse if

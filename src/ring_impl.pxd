@@ -11,6 +11,7 @@ cdef extern from "ring_impl.h" nogil:
     ctypedef struct kc_ring:
         unsigned char *base
         uint32_t max
+        int efd
 
     size_t KC_ENTRY_SIZE
     size_t KC_HEADER_SIZE
@@ -32,6 +33,7 @@ cdef extern from "ring_impl.h" nogil:
         KC_PUSH_OK
         KC_PUSH_FULL
         KC_PUSH_BAD_LAST
+        KC_PUSH_RELEASED
 
     uint64_t kc_ring_max_for(size_t nbytes)
     uint32_t kc_ring_peek_first(const kc_ring *r)
@@ -48,3 +50,15 @@ cdef extern from "ring_impl.h" nogil:
     size_t kc_ring_drain_into(const kc_ring *r, void *out, size_t n, int *status,
                               uint32_t *bad, uint32_t *bad_index)
     void kc_ring_reset(const kc_ring *r)
+    void kc_ring_set_notifier(kc_ring *r, int efd, uint32_t *signaled)
+    int kc_ring_notify_producer(const kc_ring *r)
+    int kc_ring_notify_consumer_idle(const kc_ring *r)
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *mutex, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_trylock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)
