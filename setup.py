@@ -22,7 +22,7 @@ ring = Extension(
     "kvmcoal._ring",
     sources=["src/ring.pyx", "src/ring_impl.c"],
     include_dirs=["src"],
-    depends=["src/ring_impl.h", "src/ring_impl.pxd", "src/kvm_abi.pxd", "src/kvm.pxi"],
+    depends=["src/ring_impl.h", "src/ring_impl.pxd", "src/kvm_abi.pxd", "src/kvm.pxi", "src/zone_bus.pxi"],
     extra_compile_args=extra_compile_args,
     extra_link_args=extra_link_args,
 )

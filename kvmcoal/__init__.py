@@ -29,19 +29,29 @@ ring_max = _impl.ring_max
 Entry = _impl.Entry
 Ring = _impl.Ring
 
+from .buffers import BufferForkedError, CoalescedBuffer  # noqa: E402
+from .emulated import BUS_DEVICE_LIMIT, BusFullError, EmulatedVm  # noqa: E402
+from .zones import Zone  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "BUS_DEVICE_LIMIT",
+    "BufferForkedError",
+    "BusFullError",
+    "CoalescedBuffer",
     "ENTRY_DTYPE",
     "ENTRY_SIZE",
     "MIN_RING_SIZE",
     "PAGE_SIZE",
     "RING_HEADER_SIZE",
     "RING_MAX",
+    "EmulatedVm",
     "Entry",
     "KvmcoalError",
     "Ring",
     "RingCorruptedError",
+    "Zone",
     "ring_max",
 ]
 

@@ -409,6 +409,15 @@ cdef class Ring:
         pthread_mutex_unlock(&self._plock)
         PyThread_release_lock(self._lock)
 
+    def _release_after_fork(self):
+        """In a forked child: release without the locks a parent thread may hold."""
+        if self._live:
+            self._live = False
+            kc_ring_set_notifier(&self._r, -1, NULL)
+            PyBuffer_Release(&self._view)
+        # The copied mutex may be locked by a thread that does not exist here.
+        pthread_mutex_init(&self._plock, NULL)
+
     def __enter__(self):
         self._check_live()
         return self
@@ -560,3 +569,4 @@ cdef class Ring:
 
 
 include "kvm.pxi"
+include "zone_bus.pxi"

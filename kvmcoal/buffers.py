@@ -1,0 +1,336 @@
+"""Coalesced buffers: one ring in shared memory, pollable, shareable between processes.
+
+This is the userspace form of the fd-based "v2" API proposed for Linux
+(KVM_CREATE_COALESCED_MMIO_BUFFER): a buffer owns one ring, zones are bound
+to it (:meth:`kvmcoal.EmulatedVm.register_coalesced_mmio2`), and its file
+descriptor is readable while the ring holds entries, so a consumer can sleep
+in ``select``/``epoll``/asyncio or in :meth:`CoalescedBuffer.wait` instead of
+waiting for the next exit.
+
+Memory layout of the memfd (sealed against shrinking and growing, so no peer
+can make a mapping fault)::
+
+    [0, ring_nbytes)                   struct kvm_coalesced_mmio_ring
+    [align8(ring_nbytes), +64)         control block: magic "KVMC", version,
+                                       ring_nbytes (u64), signalled word (u32)
+
+The wakeup protocol is described in ``src/ring_impl.h`` and ``docs/WAKEUPS.md``.
+
+>>> with CoalescedBuffer() as buf:
+...     buf.ring.push(0x3F8, b"A", pio=True)
+...     buf.readable()
+True
+True
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import mmap
+import os
+import select
+import socket
+import struct
+import time
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any
+
+from . import _ring
+from .errors import KvmcoalError
+
+__all__ = ["CoalescedBuffer", "BufferForkedError"]
+
+_CONTROL = struct.Struct("<IIQI")     # magic, version, ring_nbytes, signalled
+_CONTROL_SIZE = 64
+_MAGIC = 0x434D564B                   # "KVMC" little-endian
+_VERSION = 1
+_SIGNALED_OFFSET = 16                 # offset of the signalled word in the block
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
+class BufferForkedError(KvmcoalError):
+    """A buffer was used in a child process that inherited it across fork().
+
+    The child's copy of the buffer (and of its Ring) is cut loose at the
+    fork, so nothing in the child writes the parent's ring by accident.  To
+    use the ring in the child on purpose, attach to it: ``CoalescedBuffer.attach(*fds)`` with the
+    file descriptors from :meth:`CoalescedBuffer.fds`, which the child
+    inherited.
+    """
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def _memfd_size(ring_nbytes: int) -> int:
+    return _align8(ring_nbytes) + _CONTROL_SIZE
+
+
+# Buffers alive in this process, invalidated in a forked child.
+_live_buffers: weakref.WeakSet[CoalescedBuffer] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for buf in list(_live_buffers):
+        buf._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class CoalescedBuffer:
+    """One coalesced ring in sealed shared memory, with a pollable wakeup fd.
+
+    ``CoalescedBuffer(size=None)`` makes a new buffer whose ring occupies
+    *size* bytes (default: one page; any size from 32 bytes, the ring's
+    ``max`` follows from it).  :meth:`attach` opens an existing one from its
+    file descriptors, for a peer process.
+
+    Consumer side: use :attr:`ring` (``drain``, ``consume``, ...) and sleep
+    in :meth:`wait`, :meth:`wait_async`, or any poller on :meth:`fileno`.
+    Producer side: ``ring.push`` or, through zones, ``EmulatedVm.write``.
+    One producer *process* at a time; producer threads in it are serialized
+    by the ring's lock.
+    """
+
+    def __init__(self, size: int | None = None) -> None:
+        ring_nbytes = _ring.PAGE_SIZE if size is None else size
+        _ring.ring_max(ring_nbytes)  # validates the size with a clear error
+        memfd = os.memfd_create("kvmcoal-buffer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(memfd, _memfd_size(ring_nbytes))
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        except BaseException:
+            os.close(memfd)
+            raise
+        self._open(memfd, efd, ring_nbytes, initialize=True)
+
+    @classmethod
+    def attach(cls, memfd: int, eventfd: int) -> CoalescedBuffer:
+        """Open the buffer behind *memfd* and *eventfd* (e.g. received from a peer).
+
+        The descriptors are duplicated; the caller keeps and closes its own.
+        Raises ValueError if they are not a kvmcoal buffer's sealed memfd and
+        eventfd.
+        """
+        buf = cls.__new__(cls)
+        memfd = os.dup(memfd)
+        try:
+            eventfd = os.dup(eventfd)
+        except BaseException:
+            os.close(memfd)
+            raise
+        try:
+            ring_nbytes = cls._check_fds(memfd, eventfd)
+            buf._open(memfd, eventfd, ring_nbytes, initialize=False)
+        except BaseException:
+            os.close(memfd)
+            os.close(eventfd)
+            raise
+        return buf
+
+    @staticmethod
+    def _check_fds(memfd: int, eventfd: int) -> int:
+        try:
+            seals = fcntl.fcntl(memfd, fcntl.F_GET_SEALS)
+        except OSError as exc:
+            raise ValueError(f"fd {memfd} is not a sealable memfd ({exc.strerror})") from None
+        if seals & _SEALS != _SEALS:
+            raise ValueError(f"memfd {memfd} is not sealed against shrinking and growing")
+        size = os.fstat(memfd).st_size
+        if size < _memfd_size(_ring.MIN_RING_SIZE):
+            raise ValueError(f"memfd {memfd} of {size} bytes is too small for a buffer")
+        header = os.pread(memfd, _CONTROL.size, size - _CONTROL_SIZE)
+        magic, version, ring_nbytes, _ = _CONTROL.unpack(header)
+        if magic != _MAGIC or version != _VERSION:
+            raise ValueError(f"memfd {memfd} does not hold a kvmcoal buffer "
+                             f"(magic {magic:#x}, version {version})")
+        if ring_nbytes < _ring.MIN_RING_SIZE or _memfd_size(ring_nbytes) != size:
+            raise ValueError(f"memfd {memfd}: ring size {ring_nbytes} does not fit "
+                             f"its {size} bytes")
+        if os.readlink(f"/proc/self/fd/{eventfd}") != "anon_inode:[eventfd]":
+            raise ValueError(f"fd {eventfd} is not an eventfd")
+        return ring_nbytes
+
+    def _open(self, memfd: int, efd: int, ring_nbytes: int, *, initialize: bool) -> None:
+        total = _memfd_size(ring_nbytes)
+        try:
+            self._map = mmap.mmap(memfd, total)
+        except BaseException:
+            os.close(memfd)
+            os.close(efd)
+            raise
+        control = _align8(ring_nbytes)
+        if initialize:
+            _CONTROL.pack_into(self._map, control, _MAGIC, _VERSION, ring_nbytes, 0)
+        self._memfd = memfd
+        self._efd = efd
+        self._ring_nbytes = ring_nbytes
+        self._ring = _ring.Ring(self._map, size=ring_nbytes)
+        self._ring._attach_notifier(efd, control + _SIGNALED_OFFSET)
+        self._poll = select.poll()
+        self._poll.register(efd, select.POLLIN)
+        self._closed = False
+        self._pid = os.getpid()
+        self._on_close: list[Any] = []
+        _live_buffers.add(self)
+
+    def _forked(self) -> None:
+        # In a child after fork(): cut the ring loose without taking its locks
+        # (a parent thread may have held them at the fork), so no call in the
+        # child can write the parent's ring by accident.
+        if not self._closed:
+            self._ring._release_after_fork()
+            self._pid = -1
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ValueError("operation on a closed CoalescedBuffer")
+        if self._pid != os.getpid():
+            raise BufferForkedError(
+                "this CoalescedBuffer was inherited across fork(); attach to it with "
+                "CoalescedBuffer.attach(*fds) in the child instead")
+
+    @property
+    def ring(self) -> _ring.Ring:
+        """The buffer's ring (consumer and producer side)."""
+        self._check()
+        return self._ring
+
+    @property
+    def size(self) -> int:
+        """Bytes the ring occupies."""
+        return self._ring_nbytes
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        """The eventfd: readable while the ring holds entries (level-triggered).
+
+        Use it with select, selectors, epoll or asyncio's add_reader.  Drain
+        through :attr:`ring` (or :meth:`wait`): a consumer call that leaves
+        the ring empty makes the fd unreadable again.  It may, rarely, be
+        readable once with the ring empty (a producer racing the consumer);
+        it is never unreadable while the ring holds entries.
+        """
+        self._check()
+        return self._efd
+
+    def fds(self) -> tuple[int, int]:
+        """(memfd, eventfd) to hand to a peer (``socket.send_fds``, ``pass_fds``).
+
+        They stay owned by this buffer; in a child that inherited the buffer
+        across fork() they are still valid for :meth:`attach`.
+        """
+        if self._closed:
+            raise ValueError("operation on a closed CoalescedBuffer")
+        return self._memfd, self._efd
+
+    def send(self, sock: socket.socket) -> None:
+        """Send this buffer's fds over a Unix socket to a peer's :meth:`receive`."""
+        socket.send_fds(sock, [b"kvmcoal-buffer"], list(self.fds()))
+
+    @classmethod
+    def receive(cls, sock: socket.socket) -> CoalescedBuffer:
+        """Receive a buffer sent with :meth:`send` and attach to it."""
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 64, 2)
+        try:
+            if msg != b"kvmcoal-buffer" or len(fds) != 2:
+                raise ValueError(f"expected a kvmcoal buffer, got {msg!r} with {len(fds)} fds")
+            return cls.attach(*fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def readable(self) -> bool:
+        """Whether the eventfd polls readable right now (without waiting)."""
+        self._check()
+        return bool(self._poll.poll(0))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep until the ring holds entries; False if *timeout* seconds pass first.
+
+        Releases the GIL while it sleeps.  Returns at once if entries are
+        pending.
+        """
+        self._check()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ring = self._ring
+        while True:
+            if len(ring):
+                return True
+            ring.drain(0)  # an empty consumer pass: clears the wakeup, re-checks the ring
+            if deadline is None:
+                ms = -1
+            else:
+                ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+            if not self._poll.poll(ms) and ms != -1:
+                return len(ring) > 0
+
+    async def wait_async(self) -> None:
+        """Await entries in the ring (asyncio; the event loop watches the eventfd)."""
+        self._check()
+        loop = asyncio.get_running_loop()
+        ring = self._ring
+        while not len(ring):
+            ring.drain(0)
+            if len(ring):
+                break
+            ready = loop.create_future()
+            loop.add_reader(self._efd, lambda: ready.done() or ready.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_reader(self._efd)
+
+    async def batches(self, limit: int | None = None) -> AsyncIterator[list[_ring.Entry]]:
+        """Async iterator of non-empty drained batches (at most *limit* entries each).
+
+        >>> async def consumer(buf):            # doctest: +SKIP
+        ...     async for batch in buf.batches():
+        ...         handle(batch)
+        """
+        while True:
+            await self.wait_async()
+            batch = self._ring.drain(limit)
+            if batch:
+                yield batch
+
+    def __aiter__(self) -> AsyncIterator[list[_ring.Entry]]:
+        return self.batches()
+
+    def close(self) -> None:
+        """Deregister the buffer's zones, release the ring, close the fds.  Idempotent."""
+        if self._closed:
+            return
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback(self)
+        self._closed = True
+        _live_buffers.discard(self)
+        self._ring.release()
+        self._map.close()
+        os.close(self._efd)
+        os.close(self._memfd)
+
+    def __enter__(self) -> CoalescedBuffer:
+        self._check()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.close()
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "<CoalescedBuffer closed>"
+        return f"<CoalescedBuffer fd={self._efd} size={self._ring_nbytes}>"

@@ -1,0 +1,179 @@
+"""EmulatedVm: the kernel's side of coalesced MMIO, in software.
+
+It keeps what KVM keeps (the coalesced zones of both buses, the VM-wide
+ring, and the per-buffer rings of the proposed v2 API) and offers the path a
+vCPU's store takes: :meth:`EmulatedVm.write` returns True when the write was
+coalesced into a ring and False when it must take the exit path instead.
+The write path is C (kvmcoal._ring._ZoneBus) and runs the ring's producer
+without the GIL, under one lock per ring as the kernel does.
+
+>>> vm = EmulatedVm()
+>>> vm.register_coalesced_mmio(Zone(0xFE000000, 0x1000))
+>>> vm.write(0xFE000010, b"\\x01\\x00\\x00\\x00"), vm.write(0xFD000000, b"\\x01")
+(True, False)
+>>> [hex(e.phys_addr) for e in vm.ring.drain()]
+['0xfe000010']
+>>> vm.close()
+"""
+
+from __future__ import annotations
+
+import errno
+import weakref
+
+from . import _ring
+from .buffers import CoalescedBuffer
+from .errors import KvmcoalError
+from .zones import Zone
+
+__all__ = ["BUS_DEVICE_LIMIT", "BusFullError", "EmulatedVm"]
+
+BUS_DEVICE_LIMIT = 1000
+"""Zones per bus (MMIO, PIO), the kernel's NR_IOBUS_DEVS."""
+
+
+class BusFullError(KvmcoalError, OSError):
+    """A bus already holds BUS_DEVICE_LIMIT zones (the kernel fails with ENOSPC)."""
+
+    def __init__(self, pio: bool) -> None:
+        bus = "PIO" if pio else "MMIO"
+        super().__init__(errno.ENOSPC, f"the {bus} bus is full: it holds {BUS_DEVICE_LIMIT} "
+                                       f"zones, the kernel's limit of devices per bus")
+
+
+class EmulatedVm(_ring._ZoneBus):
+    """A software model of KVM's coalesced MMIO: zones, rings, the producer path.
+
+    *page_size* sets the size of the VM-wide ring and the default size of
+    buffers (default: the host's page size), to model hosts with 16 KiB or
+    64 KiB pages.
+    """
+
+    def __init__(self, *, page_size: int | None = None) -> None:
+        self.page_size = _ring.PAGE_SIZE if page_size is None else page_size
+        self._legacy = CoalescedBuffer(self.page_size)
+        # (zone, buffer or None for the VM-wide ring), in registration order.
+        self._zones: list[tuple[Zone, CoalescedBuffer | None]] = []
+        self._buffers: weakref.WeakSet[CoalescedBuffer] = weakref.WeakSet()
+        self._closed = False
+
+    # -- the VM-wide ring (KVM_(UN)REGISTER_COALESCED_MMIO) --
+
+    @property
+    def ring(self) -> _ring.Ring:
+        """The VM-wide ring that zones registered without a buffer write into."""
+        self._check()
+        return self._legacy.ring
+
+    @property
+    def ring_buffer(self) -> CoalescedBuffer:
+        """The VM-wide ring as a pollable, shareable buffer."""
+        self._check()
+        return self._legacy
+
+    def register_coalesced_mmio(self, zone: Zone) -> None:
+        """Coalesce writes in *zone* into the VM-wide ring (overlaps are allowed)."""
+        self._add(zone, None)
+
+    def unregister_coalesced_mmio(self, zone: Zone) -> None:
+        """Remove every VM-wide-ring zone of the same kind that contains *zone*.
+
+        Always succeeds, as the kernel's does; entries already in the ring stay.
+        """
+        self._remove(zone, lambda target: target is None)
+
+    # -- per-device buffers (the proposed v2 API) --
+
+    def create_coalesced_buffer(self, *, size: int | None = None) -> CoalescedBuffer:
+        """A new buffer with its own ring (and lock) to bind zones to."""
+        self._check()
+        buf = CoalescedBuffer(self.page_size if size is None else size)
+        buf._on_close.append(self._buffer_closed)
+        self._buffers.add(buf)
+        return buf
+
+    def register_coalesced_mmio2(self, zone: Zone, buffer: CoalescedBuffer) -> None:
+        """Coalesce writes in *zone* into *buffer*'s ring."""
+        self._check_buffer(buffer)
+        self._add(zone, buffer)
+
+    def unregister_coalesced_mmio2(self, zone: Zone, buffer: CoalescedBuffer) -> None:
+        """Remove every zone bound to *buffer* of the same kind that contains *zone*."""
+        self._check_buffer(buffer)
+        self._remove(zone, lambda target: target is buffer)
+
+    @property
+    def zones(self) -> list[tuple[Zone, CoalescedBuffer | None]]:
+        """The registered zones and their buffers (None: the VM-wide ring)."""
+        return list(self._zones)
+
+    # -- bookkeeping --
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ValueError("operation on a closed EmulatedVm")
+
+    def _check_buffer(self, buffer: CoalescedBuffer) -> None:
+        self._check()
+        if not isinstance(buffer, CoalescedBuffer):
+            raise TypeError(f"buffer must be a CoalescedBuffer, not {type(buffer).__name__!r}")
+        if buffer.closed:
+            raise ValueError("the buffer is closed")
+        if buffer not in self._buffers:
+            raise ValueError("the buffer belongs to another EmulatedVm (or none): create it "
+                             "with this VM's create_coalesced_buffer()")
+
+    def _add(self, zone: Zone, target: CoalescedBuffer | None) -> None:
+        self._check()
+        if not isinstance(zone, Zone):
+            raise TypeError(f"zone must be a kvmcoal.Zone, not {type(zone).__name__!r}")
+        if sum(1 for z, _ in self._zones if z.pio == zone.pio) >= BUS_DEVICE_LIMIT:
+            raise BusFullError(zone.pio)
+        self._zones.append((zone, target))
+        self._install(zone.pio)
+
+    def _remove(self, zone: Zone, matches) -> None:
+        self._check()
+        if not isinstance(zone, Zone):
+            raise TypeError(f"zone must be a kvmcoal.Zone, not {type(zone).__name__!r}")
+        # The kernel tests containment with an int length: a size of 2**31 or
+        # more is negative there and removes nothing.
+        if zone.size >= 1 << 31:
+            return
+        kept = [(z, t) for z, t in self._zones
+                if not (z.pio == zone.pio and matches(t) and z.contains(zone.addr, zone.size))]
+        if len(kept) != len(self._zones):
+            self._zones = kept
+            self._install(zone.pio)
+
+    def _install(self, pio: bool) -> None:
+        # The kernel's bus is sorted by (address, length) and a write tries
+        # the matching devices in that order.
+        entries = sorted(((z.addr, z.size, (self._legacy if t is None else t).ring)
+                          for z, t in self._zones if z.pio == pio),
+                         key=lambda entry: entry[:2])
+        self._set_zones(pio, entries)
+
+    def _buffer_closed(self, buffer: CoalescedBuffer) -> None:
+        if any(t is buffer for _, t in self._zones):
+            self._zones = [(z, t) for z, t in self._zones if t is not buffer]
+            self._install(False)
+            self._install(True)
+
+    def close(self) -> None:
+        """Close every buffer this VM created and the VM-wide ring."""
+        if self._closed:
+            return
+        for buf in list(self._buffers):
+            buf.close()
+        self._zones.clear()
+        self._install(False)
+        self._install(True)
+        self._legacy.close()
+        self._closed = True
+
+    def __enter__(self) -> EmulatedVm:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

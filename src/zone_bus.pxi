@@ -1,0 +1,92 @@
+# Included by ring.pyx: the producer side of the emulated kernel, the part of
+# a vCPU's write that runs on every store.  kvmcoal/emulated.py (EmulatedVm)
+# keeps the zones and buffers and hands this layer flat, sorted tables.
+
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.object cimport PyObject
+
+
+cdef struct kc_zone:
+    uint64_t addr
+    uint64_t end          # (addr + size) mod 2**64, as the kernel computes it
+    PyObject *ring        # borrowed: the owning _ZoneTable holds a reference
+
+
+@cython.final
+cdef class _ZoneTable:
+    """An immutable snapshot of one bus's zones; writers keep the one they started with."""
+
+    cdef kc_zone *zones
+    cdef Py_ssize_t n
+    cdef list rings
+
+    def __cinit__(self, list entries):
+        cdef Py_ssize_t i
+        self.rings = []
+        self.n = len(entries)
+        self.zones = <kc_zone *>PyMem_Malloc(max(self.n, 1) * sizeof(kc_zone))
+        if self.zones == NULL:
+            raise MemoryError()
+        for i, (addr, size, ring) in enumerate(entries):
+            if not isinstance(ring, Ring):
+                raise TypeError(f"zone target must be a Ring, not {type(ring).__name__!r}")
+            self.rings.append(ring)
+            self.zones[i].addr = addr
+            self.zones[i].end = (addr + size) & 0xFFFFFFFFFFFFFFFF
+            self.zones[i].ring = <PyObject *>ring
+
+    def __dealloc__(self):
+        PyMem_Free(self.zones)
+
+
+cdef _ZoneTable _EMPTY_TABLE = _ZoneTable([])
+
+
+cdef class _ZoneBus:
+    """The write path of kvmcoal.EmulatedVm (subclassed there)."""
+
+    cdef _ZoneTable _mmio
+    cdef _ZoneTable _pio
+
+    def __cinit__(self, *args, **kwargs):
+        self._mmio = _EMPTY_TABLE
+        self._pio = _EMPTY_TABLE
+
+    def _set_zones(self, bint pio, list entries):
+        """Install *entries*, ``(addr, size, ring)`` in the order writes try them."""
+        table = _ZoneTable(entries)
+        if pio:
+            self._pio = table
+        else:
+            self._mmio = table
+
+    def write(self, phys_addr, data, *, pio=False):
+        """A guest store: True if coalesced into a zone's ring, False for the exit path.
+
+        Like the kernel's bus walk, the zones that contain the whole access
+        are tried in order (lowest address, then smallest size, first); a
+        zone whose ring is full or closed passes the write to the next one.
+        """
+        cdef kc_entry e
+        cdef _ZoneTable table
+        cdef kc_zone *z
+        cdef Ring ring
+        cdef uint64_t end
+        cdef Py_ssize_t i
+        cdef int rc
+        _fill_entry(&e, phys_addr, data, pio)
+        table = self._pio if e.pio else self._mmio
+        end = e.phys_addr + e.len
+        if end < e.phys_addr:  # the access wraps past 2**64: never in range
+            return False
+        for i in range(table.n):
+            z = &table.zones[i]
+            if e.phys_addr >= z.addr and end <= z.end:
+                ring = <Ring>z.ring
+                with nogil:
+                    rc = ring._produce(&e)
+                if rc == KC_PUSH_OK:
+                    return True
+                if rc < 0:
+                    raise OSError(-rc, f"cannot signal the ring's eventfd: {os.strerror(-rc)}")
+        return False
