@@ -1,0 +1,284 @@
+"""CoalescedBuffer: poll readiness, wakeups, sharing with other processes, fork."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import select
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from kvmcoal import BufferForkedError, CoalescedBuffer, RingCorruptedError, ring_max
+
+
+@pytest.fixture
+def buf():
+    with CoalescedBuffer() as b:
+        yield b
+
+
+def readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_readiness_is_level_triggered(buf):
+    assert not readable(buf.fileno())
+    assert buf.ring.push(0x10, b"a")
+    assert readable(buf.fileno()) and buf.readable()
+    assert buf.ring.push(0x10, b"b")
+    assert readable(buf.fileno())
+    assert buf.ring.pop().data == b"a"
+    assert readable(buf.fileno())          # one entry is still pending
+    assert buf.ring.drain()[0].data == b"b"
+    assert not readable(buf.fileno())      # a drain that empties it
+    for consume in (lambda r: r.consume(lambda *a: None), lambda r: r.drain_into(bytearray(240)),
+                    lambda r: list(r)):
+        buf.ring.push(1, b"x")
+        assert readable(buf.fileno())
+        consume(buf.ring)
+        assert not readable(buf.fileno())
+
+
+def test_pollers_of_every_kind(buf):
+    sel = selectors.DefaultSelector()
+    sel.register(buf, selectors.EVENT_READ)
+    ep = select.epoll()
+    ep.register(buf.fileno(), select.EPOLLIN)
+    assert sel.select(0) == [] and ep.poll(0) == []
+    buf.ring.push(1, b"x")
+    assert len(sel.select(0)) == 1 and len(ep.poll(0)) == 1
+    buf.ring.drain()
+    assert sel.select(0) == [] and ep.poll(0) == []
+    sel.close()
+    ep.close()
+
+
+def test_wait(buf):
+    t0 = time.monotonic()
+    assert buf.wait(0.05) is False
+    assert time.monotonic() - t0 >= 0.04
+    buf.ring.push(1, b"x")
+    assert buf.wait(0) is True and buf.wait() is True
+    timer = threading.Timer(0.05, lambda: buf.ring.push(2, b"y"))
+    buf.ring.drain()
+    timer.start()
+    assert buf.wait(10) is True
+    assert [e.phys_addr for e in buf.ring.drain()] == [2]
+
+
+def test_no_lost_wakeup_over_many_sleeps(buf):
+    """A consumer that finds the ring empty and sleeps is always woken."""
+    total = 30000
+    got = []
+    sleeps = 0
+
+    def producer():
+        for i in range(total):
+            while not buf.ring.push(i, i.to_bytes(4, "little")):
+                time.sleep(0)
+            if i % 7 == 0:
+                time.sleep(0)  # let the consumer empty the ring and go to sleep
+
+    p = threading.Thread(target=producer)
+    p.start()
+    while len(got) < total:
+        if not len(buf.ring):
+            sleeps += 1
+            assert buf.wait(10), f"lost wakeup after {len(got)} entries"
+        got.extend(e.phys_addr for e in buf.ring.drain())
+    p.join()
+    assert got == list(range(total))
+    assert sleeps > 1000, sleeps   # the consumer really slept and woke many times
+
+
+def test_asyncio(buf):
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.02, buf.ring.push, 1, b"a")
+        await asyncio.wait_for(buf.wait_async(), 5)
+        batches = []
+        loop.call_later(0.02, lambda: [buf.ring.push(i, b"b") for i in range(2, 5)])
+        async for batch in buf:
+            batches.append([e.phys_addr for e in batch])
+            if sum(map(len, batches)) == 4:
+                break
+        return batches
+
+    assert [a for b in asyncio.run(main()) for a in b] == [1, 2, 3, 4]
+
+
+def test_any_ring_size():
+    for size in (32, 56, 1000, 65536, 3 * 4096 + 8):
+        with CoalescedBuffer(size) as b:
+            assert b.size == size and b.ring.max == ring_max(size)
+    with pytest.raises(ValueError, match="32-byte minimum"):
+        CoalescedBuffer(31)
+
+
+def test_memory_is_sealed(buf):
+    memfd, _ = buf.fds()
+    with pytest.raises(PermissionError):
+        os.ftruncate(memfd, 64)
+    with pytest.raises(PermissionError):
+        os.ftruncate(memfd, 1 << 20)
+    with pytest.raises(PermissionError):
+        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+
+
+def test_closed_buffer(buf):
+    buf.close()
+    buf.close()
+    assert buf.closed
+    with pytest.raises(ValueError, match="closed"):
+        buf.fileno()
+    with pytest.raises(ValueError, match="closed"):
+        buf.ring
+    with pytest.raises(ValueError, match="closed"):
+        buf.wait(0)
+
+
+def test_attach_shares_the_ring(buf):
+    peer = CoalescedBuffer.attach(*buf.fds())
+    assert peer.ring.push(7, b"hi")
+    assert buf.readable()
+    assert buf.ring.pop().data == b"hi"
+    assert not peer.readable()
+    peer.close()
+    assert buf.ring.push(8, b"ok")   # the attacher closed its own fds only
+
+
+def test_attach_refuses_what_is_not_a_buffer(buf, tmp_path):
+    memfd, efd = buf.fds()
+    plain = os.memfd_create("plain", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(plain, 4096 + 64)
+    sealed_plain = os.memfd_create("plain", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(sealed_plain, 4096 + 64)
+    fcntl.fcntl(sealed_plain, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    regular = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        with pytest.raises(ValueError, match="not sealed"):
+            CoalescedBuffer.attach(plain, efd)
+        with pytest.raises(ValueError, match="magic"):
+            CoalescedBuffer.attach(sealed_plain, efd)
+        with pytest.raises(ValueError, match="sealable memfd"):
+            CoalescedBuffer.attach(regular, efd)
+        with pytest.raises(ValueError, match="not an eventfd"):
+            CoalescedBuffer.attach(memfd, regular)
+    finally:
+        for fd in (plain, sealed_plain, regular):
+            os.close(fd)
+
+
+def test_send_and_receive_over_a_socket(buf):
+    left, right = socket.socketpair(socket.AF_UNIX)
+    with left, right:
+        buf.send(left)
+        peer = CoalescedBuffer.receive(right)
+    with peer:
+        peer.ring.push(3, b"z")
+        assert buf.ring.pop().phys_addr == 3
+
+
+PRODUCER = textwrap.dedent("""
+    import os, sys
+    from kvmcoal import CoalescedBuffer
+    memfd, efd, count = map(int, sys.argv[1:4])
+    buf = CoalescedBuffer.attach(memfd, efd)
+    push = buf.ring.push
+    i = 0
+    while count < 0 or i < count:
+        if push(i, i.to_bytes(8, "little")):
+            i += 1
+        else:
+            os.sched_yield()
+""")
+
+
+def start_producer(buf, count):
+    memfd, efd = buf.fds()
+    return subprocess.Popen([sys.executable, "-c", PRODUCER, str(memfd), str(efd), str(count)],
+                            pass_fds=(memfd, efd))
+
+
+def test_million_entries_from_another_process(buf):
+    total = 1_000_000
+    proc = start_producer(buf, total)
+    expected = 0
+    out = bytearray(24 * buf.ring.max)
+    view = memoryview(out).cast("Q")
+    while expected < total:
+        if not buf.wait(30):
+            pytest.fail(f"producer stalled after {expected} entries")
+        n = buf.ring.drain_into(out)
+        for k in range(n):   # phys_addr is the sequence number, data repeats it
+            assert view[3 * k] == expected and view[3 * k + 2] == expected
+            expected += 1
+    assert proc.wait(30) == 0
+    assert len(buf.ring) == 0
+
+
+def test_producer_killed_mid_stream_leaves_only_whole_entries(buf):
+    proc = start_producer(buf, -1)
+    seen = 0
+    while seen < 20000:
+        assert buf.wait(30)
+        for e in buf.ring.drain():
+            assert e.phys_addr == seen and e.value == seen
+            seen += 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    for e in buf.ring.drain():   # whatever it published before dying is whole
+        assert e.phys_addr == seen and e.value == seen
+        seen += 1
+
+
+def test_garbage_from_a_peer_raises_and_never_crashes(buf):
+    memfd, _ = buf.fds()
+    buf.ring.push(1, b"ok")
+    os.pwrite(memfd, (9999).to_bytes(4, "little"), 4)   # a hostile `last`
+    with pytest.raises(RingCorruptedError, match="last=9999"):
+        buf.ring.drain()
+    assert not buf.ring.push(2, b"x")                    # the producer refuses too
+    buf.ring.reset()
+    assert buf.ring.push(2, b"x") and buf.wait(0)
+
+
+def test_fork_child_cannot_touch_the_parents_ring(buf):
+    buf.ring.push(1, b"parent")
+    ring = buf.ring
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 0
+        try:
+            try:
+                buf.ring
+                code |= 1
+            except BufferForkedError:
+                pass
+            try:
+                ring.push(2, b"child")
+                code |= 2
+            except ValueError:
+                pass
+            child = CoalescedBuffer.attach(*buf.fds())   # deliberate use is fine
+            if not child.ring.push(3, b"attached"):
+                code |= 4
+        except BaseException:
+            code |= 8
+        os.write(w, bytes([code]))
+        os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"\0"
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert [e.data for e in buf.ring.drain()] == [b"parent", b"attached"]

@@ -1,0 +1,182 @@
+"""EmulatedVm: the kernel's producer rules and the v2 buffer scenarios, in software."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from kvmcoal import BUS_DEVICE_LIMIT, BusFullError, EmulatedVm, Entry, Zone
+
+MMIO = Zone(0xFE000000, 0x1000)
+PIO = Zone(0x400, 8, pio=True)
+
+
+@pytest.fixture
+def vm():
+    with EmulatedVm() as machine:
+        yield machine
+
+
+def move_to(ring, start):
+    """Put both indices of an empty ring at `start` through the ring's own API."""
+    ring.reset()
+    for _ in range(start):
+        assert ring.push(0, b"\0") and ring.pop() is not None
+    assert ring.first == ring.last == start
+
+
+def interleaved(n):
+    """The selftest's stream: 8-byte MMIO and 4-byte PIO writes, alternating."""
+    for i in range(n):
+        if i % 2:
+            yield (PIO.addr + 4 * (i // 2 % 2), (i & 0xFFFFFFFF).to_bytes(4, "little"), True)
+        else:
+            yield (MMIO.addr + 8 * (i // 2 % 512), (i * 0x0101010101).to_bytes(8, "little"),
+                   False)
+
+
+@pytest.mark.parametrize("page_size", [4096, 16384])
+def test_selftest_fill_from_every_start(page_size):
+    with EmulatedVm(page_size=page_size) as vm:
+        vm.register_coalesced_mmio(MMIO)
+        vm.register_coalesced_mmio(PIO)
+        ring = vm.ring
+        stream = list(interleaved(ring.max))
+        expected = [Entry(a, d, pio=p) for a, d, p in stream[:ring.capacity]]
+        for start in range(0, ring.max, 1 if page_size == 4096 else 7):
+            move_to(ring, start)
+            for addr, data, pio in stream[:ring.capacity]:
+                assert vm.write(addr, data, pio=pio)
+            addr, data, pio = stream[ring.capacity]
+            assert not vm.write(addr, data, pio=pio)   # full: the exit path
+            assert ring.drain() == expected
+
+
+def test_unregister_makes_the_next_write_exit(vm):
+    vm.register_coalesced_mmio(MMIO)
+    vm.register_coalesced_mmio(PIO)
+    assert vm.write(MMIO.addr, b"\1" * 8) and vm.write(PIO.addr, b"\2" * 4, pio=True)
+    vm.unregister_coalesced_mmio(Zone(MMIO.addr + 0x10, 1))   # a range inside removes it
+    assert not vm.write(MMIO.addr, b"\1" * 8)
+    assert vm.write(PIO.addr, b"\2" * 4, pio=True)
+    vm.unregister_coalesced_mmio(PIO)
+    assert not vm.write(PIO.addr, b"\2" * 4, pio=True)
+    assert len(vm.ring) == 3   # pending entries are not touched by unregistering
+
+
+def test_kernel_zone_rules(vm):
+    assert not vm.write(MMIO.addr, b"x")   # no zone: exit
+    vm.register_coalesced_mmio(MMIO)
+    vm.register_coalesced_mmio(MMIO)       # duplicates and overlaps are accepted
+    vm.register_coalesced_mmio(Zone(MMIO.addr + 0x800, 0x1000))
+    assert not vm.write(MMIO.addr + 0xffc, b"12345678", pio=True)   # wrong bus
+    assert vm.write(MMIO.addr + 0xffc, b"12345678")                 # inside the overlap
+    assert not vm.write(MMIO.addr - 1, b"12")                       # straddles the start
+    vm.unregister_coalesced_mmio(Zone(0, 1))                        # contains nothing: no-op
+    assert len(vm.zones) == 3
+    vm.unregister_coalesced_mmio(Zone(MMIO.addr + 0x900, 4))        # inside all three
+    assert vm.zones == []
+    vm.register_coalesced_mmio(MMIO)
+    vm.unregister_coalesced_mmio(Zone(MMIO.addr, 1 << 31))          # negative int in the kernel
+    assert len(vm.zones) == 1
+
+
+def test_device_limit(vm):
+    for i in range(BUS_DEVICE_LIMIT):
+        vm.register_coalesced_mmio(Zone(i * 16, 16))
+    with pytest.raises(BusFullError, match="1000") as info:
+        vm.register_coalesced_mmio(Zone(0, 1))
+    assert info.value.errno == 28  # ENOSPC
+    vm.register_coalesced_mmio(PIO)  # the other bus has room
+    assert vm.write(999 * 16 + 8, b"12345678")
+
+
+def test_bad_arguments(vm):
+    with pytest.raises(TypeError, match="Zone"):
+        vm.register_coalesced_mmio((0, 1))
+    with pytest.raises(ValueError, match="1 to 8"):
+        vm.write(0, b"")
+    with pytest.raises(ValueError, match="u64"):
+        vm.write(-1, b"x")
+    with EmulatedVm() as other:
+        foreign = other.create_coalesced_buffer()
+        with pytest.raises(ValueError, match="another EmulatedVm"):
+            vm.register_coalesced_mmio2(MMIO, foreign)
+    buf = vm.create_coalesced_buffer()
+    buf.close()
+    with pytest.raises(ValueError, match="closed"):
+        vm.register_coalesced_mmio2(MMIO, buf)
+    vm.close()
+    with pytest.raises(ValueError, match="closed EmulatedVm"):
+        vm.register_coalesced_mmio(MMIO)
+
+
+def test_v2_buffer_scenarios(vm):
+    a, b = vm.create_coalesced_buffer(), vm.create_coalesced_buffer()
+    za, zb = Zone(0x10000, 0x1000), Zone(0x20000, 0x1000)
+    assert not vm.write(za.addr, b"x")                    # before any zone: exit
+    vm.register_coalesced_mmio2(za, a)
+    vm.register_coalesced_mmio2(zb, b)
+    for i in range(a.ring.capacity):                      # two buffers, interleaved
+        assert vm.write(za.addr + i % 8, bytes([i]))
+        assert vm.write(zb.addr, i.to_bytes(4, "little"))
+    assert not vm.write(za.addr, b"x") and not vm.write(zb.addr, b"y")   # each full
+    assert [e.value for e in a.ring.drain()] == [i & 0xFF for i in range(a.ring.capacity)]
+    assert [e.value for e in b.ring.drain()] == list(range(b.ring.capacity))
+    assert len(vm.ring) == 0                               # the VM-wide ring saw nothing
+
+    vm.unregister_coalesced_mmio2(za, b)                   # names the wrong buffer: no-op
+    assert vm.write(za.addr, b"1")
+    vm.unregister_coalesced_mmio2(za, a)                   # move the zone from a to b
+    vm.register_coalesced_mmio2(za, b)
+    assert vm.write(za.addr, b"2")
+    assert [e.data for e in a.ring.drain()] == [b"1"]
+    assert [e.data for e in b.ring.drain()] == [b"2"]
+
+    b.close()                                               # closing restores exits
+    assert not vm.write(za.addr, b"3") and not vm.write(zb.addr, b"4")
+    assert all(t is not b for _, t in vm.zones)
+
+
+def test_full_ring_falls_through_to_the_next_zone(vm):
+    small = vm.create_coalesced_buffer(size=8 + 24 * 2)    # holds one entry
+    vm.register_coalesced_mmio2(Zone(0x1000, 0x10), small)
+    vm.register_coalesced_mmio(Zone(0x1000, 0x100))       # larger: tried second
+    assert vm.write(0x1000, b"a") and vm.write(0x1000, b"b")
+    assert [e.data for e in small.ring.drain()] == [b"a"]
+    assert [e.data for e in vm.ring.drain()] == [b"b"]
+
+
+def test_many_producer_threads_lose_nothing(vm):
+    buf = vm.create_coalesced_buffer(size=8 + 24 * 64)
+    vm.register_coalesced_mmio2(Zone(0, 1 << 20), buf)
+    threads, per_thread = 4, 20000
+    accepted = [[] for _ in range(threads)]
+    drained = []
+    done = threading.Event()
+
+    def producer(t):
+        for i in range(per_thread):
+            value = (t << 32 | i).to_bytes(8, "little")
+            if vm.write(t * 8, value):
+                accepted[t].append(i)
+
+    def consumer():
+        while not done.is_set() or len(buf.ring):
+            drained.extend(buf.ring.drain())
+
+    c = threading.Thread(target=consumer)
+    c.start()
+    workers = [threading.Thread(target=producer, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    done.set()
+    c.join()
+    # Every write was coalesced exactly once or refused; per producer, in order.
+    for t in range(threads):
+        got = [e.value & 0xFFFFFFFF for e in drained if e.phys_addr == t * 8]
+        assert got == accepted[t]
+    assert sum(map(len, accepted)) == len(drained) > 0
