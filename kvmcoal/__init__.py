@@ -15,10 +15,10 @@ from typing import Any
 
 from .errors import KvmcoalError, RingCorruptedError
 
-if _os.environ.get("KVMCOAL_NO_EXTENSIONS"):
-    from . import _ring_py as _impl
-else:
+if not _os.environ.get("KVMCOAL_NO_EXTENSIONS"):
     from . import _ring as _impl
+else:
+    from . import _ring_py as _impl  # type: ignore[no-redef]
 
 ENTRY_SIZE: int = _impl.ENTRY_SIZE
 RING_HEADER_SIZE: int = _impl.RING_HEADER_SIZE

@@ -117,6 +117,9 @@ class Entry:
     """One coalesced write, as the consumer delivers it (immutable); see ``_ring.pyi``."""
 
     __slots__ = ("_phys_addr", "_data", "_pio")
+    _phys_addr: int
+    _data: bytes
+    _pio: bool
 
     def __init__(self, phys_addr: int, data: Any, pio: bool = False) -> None:
         self._init(_check_phys_addr(phys_addr), _check_data(data), bool(pio))

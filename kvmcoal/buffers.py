@@ -282,8 +282,13 @@ class CoalescedBuffer:
             ring.drain(0)
             if len(ring):
                 break
-            ready = loop.create_future()
-            loop.add_reader(self._efd, lambda: ready.done() or ready.set_result(None))
+            ready: asyncio.Future[None] = loop.create_future()
+
+            def on_readable() -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            loop.add_reader(self._efd, on_readable)
             try:
                 await ready
             finally:

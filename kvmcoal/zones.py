@@ -32,6 +32,9 @@ class Zone:
     """
 
     __slots__ = ("_addr", "_size", "_pio")
+    _addr: int
+    _size: int
+    _pio: bool
 
     def __init__(self, addr: int, size: int, *, pio: bool = False) -> None:
         object.__setattr__(self, "_addr", _check_int("addr", addr, _U64, "u64"))
