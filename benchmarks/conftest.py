@@ -8,12 +8,16 @@ so every timed round drains one full ring and the refill is not timed.
 
 ``KVMCOAL_BENCH_ROUNDS`` (default 5000) and ``KVMCOAL_BENCH_WARMUP``
 (default 200) set the rounds per benchmark.
+
+The terminal summary adds the one-way wake latencies of ``test_wakeup.py``
+(p50, p99), which pytest-benchmark's tables do not show.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from .buffers_workload import WAKE_FIGURES
 from .workload import ROUNDS, WARMUP_ROUNDS, FullRing
 
 
@@ -46,3 +50,19 @@ def run_full_ring(benchmark, full_ring):
         return result
 
     return run
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The wake latencies of test_wakeup.py, which pytest-benchmark's table does not show."""
+    if not WAKE_FIGURES:
+        return
+    tr = terminalreporter
+    tr.section("wake latency (one-way, consumer asleep)")
+    tr.write_line(f"{'benchmark':<44} {'round trips':>11} {'p50 µs':>8} {'p99 µs':>8} "
+                  f"{'min µs':>8}")
+    for name, s in WAKE_FIGURES:
+        tr.write_line(f"{name:<44} {s['samples']:>11} {s['p50_us']:>8.1f} {s['p99_us']:>8.1f} "
+                      f"{s['min_us']:>8.1f}")
+    tr.write_line("Targets are judged by benchmarks/report_buffers.py, which interleaves "
+                  "the mechanisms.")

@@ -5,7 +5,8 @@ instruction counts do not.  For each ring content ("mixed": the benchmark
 workload of distinct addresses and widths 1/2/4/8; "same": 169 identical
 4-byte writes, the ring-side twin of the baseline's constant arguments) this
 runs consume and the plain loop for 0 and R rounds under valgrind and divides
-the difference by R x entries.
+the difference by R x entries.  PYTHONHASHSEED is fixed: string hashing
+changes dict probe counts, and with them the totals, from run to run.
 
     python benchmarks/consume_instructions.py [--rounds 200]
 """
@@ -13,6 +14,7 @@ the difference by R x entries.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -54,7 +56,8 @@ def instructions(worker: Path, *args: str) -> int:
     with tempfile.NamedTemporaryFile() as out:
         run = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out.name}",
                               sys.executable, str(worker), *args],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": "0"})
     return int(re.search(r"Collected : (\d+)", run.stderr).group(1))
 
 

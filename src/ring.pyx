@@ -12,6 +12,8 @@ from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABL
                              PyBUF_C_CONTIGUOUS, PyBUF_SIMPLE)
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.long cimport PyLong_FromUnsignedLongLong
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_acquire_lock, PyThread_release_lock,
                                PyThread_get_thread_ident, WAIT_LOCK, NOWAIT_LOCK)
@@ -172,6 +174,28 @@ cdef class Entry:
         return (Entry, (self.phys_addr, self.data, self.pio))
 
 
+cdef extern from "Python.h":
+    ctypedef PyObject *(*vectorcallfunc)(PyObject *callable, PyObject *const *args,
+                                         size_t nargsf, PyObject *kwnames)
+    vectorcallfunc PyVectorcall_Function(PyObject *callable)
+    PyObject *PyObject_Vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
+                                  PyObject *kwnames)
+    const size_t PY_VECTORCALL_ARGUMENTS_OFFSET
+    PyObject *Py_True
+    PyObject *Py_False
+
+
+cdef int _propagate() except -1:
+    """Raise the exception a C-API call has already set."""
+    return -1
+
+
+cdef int _check_signal(int err) except -1:
+    if err < 0:
+        raise OSError(-err, f"cannot signal the ring's eventfd: {os.strerror(-err)}")
+    return 0
+
+
 cdef object _corrupted(const kc_ring *r, int status, uint32_t bad, uint32_t index):
     if status == KC_E_BAD_FIRST or status == KC_E_BAD_LAST:
         field = "first" if status == KC_E_BAD_FIRST else "last"
@@ -286,25 +310,40 @@ cdef class Ring:
 
     cdef int _consumer_idle(self) except -1:
         """With a notifier attached, clear the wakeup once the ring is empty."""
+        cdef int rc
         if self._r.efd >= 0 and kc_ring_peek_first(&self._r) == kc_ring_peek_last(&self._r):
-            if kc_ring_notify_consumer_idle(&self._r) < 0:
+            # System calls without the GIL: producer threads need it meanwhile.
+            # The consumer lock we hold keeps release() from closing the fd.
+            with nogil:
+                rc = kc_ring_notify_consumer_idle(&self._r)
+            if rc < 0:
                 PyErr_SetFromErrno(OSError)
         return 0
 
-    cdef int _produce(self, const kc_entry *e) noexcept nogil:
-        """Push under the producer lock and signal a sleeping consumer.
+    cdef int _produce(self, const kc_entry *e, bint *must_signal) noexcept nogil:
+        """Push under the producer lock; returns a kc_push_result (or KC_PUSH_RELEASED).
 
-        Returns a kc_push_result, KC_PUSH_RELEASED once the ring is released,
-        or -errno if the wakeup could not be signalled (the entry is in).
+        *must_signal is set when this write must wake the consumer: call
+        _signal(), without the GIL, since the consumer that wakes needs it.
         """
         cdef int rc
+        must_signal[0] = False
         pthread_mutex_lock(&self._plock)
         if not self._live:
             rc = KC_PUSH_RELEASED
         else:
             rc = kc_ring_push(&self._r, e.phys_addr, e.data, e.len, e.pio, self._legacy)
-            if rc == KC_PUSH_OK and kc_ring_notify_producer(&self._r) < 0:
-                rc = -errno
+            if rc == KC_PUSH_OK:
+                must_signal[0] = kc_ring_claim_wakeup(&self._r)
+        pthread_mutex_unlock(&self._plock)
+        return rc
+
+    cdef int _signal(self) noexcept nogil:
+        """Write the eventfd a claimed wakeup owes; 0 or -errno.  The lock keeps the fd open."""
+        cdef int rc = 0
+        pthread_mutex_lock(&self._plock)
+        if self._live and kc_ring_signal(&self._r) < 0:
+            rc = -errno
         pthread_mutex_unlock(&self._plock)
         return rc
 
@@ -428,12 +467,15 @@ cdef class Ring:
     def push(self, phys_addr, data, *, pio=False):
         """Record a write as the kernel does; False if the kernel would refuse it."""
         cdef kc_entry e
-        cdef int rc
+        cdef int rc, err = 0
+        cdef bint must_signal
         self._check_live()
         _fill_entry(&e, phys_addr, data, pio)
-        rc = self._produce(&e)
-        if rc < 0:
-            raise OSError(-rc, f"cannot signal the ring's eventfd: {os.strerror(-rc)}")
+        rc = self._produce(&e, &must_signal)
+        if must_signal:
+            with nogil:
+                err = self._signal()
+            _check_signal(err)
         return rc == KC_PUSH_OK
 
     def pop(self):
@@ -525,8 +567,16 @@ cdef class Ring:
         cdef int64_t pending
         cdef int rc
         cdef kc_entry e, prev
+        # The handler is called through its vectorcall slot, looked up once:
+        # per entry this is most of what consume() itself costs.  args[0] is
+        # scratch space the callee may use (PY_VECTORCALL_ARGUMENTS_OFFSET).
+        cdef PyObject *args[4]
+        cdef PyObject *result
+        cdef vectorcallfunc call
         if not callable(handler):
             raise TypeError(f"handler must be callable, not {type(handler).__name__!r}")
+        call = PyVectorcall_Function(<PyObject *>handler)
+        args[0] = NULL
         if not self._enter_consumer():
             return 0
         try:
@@ -552,7 +602,17 @@ cdef class Ring:
                 # sees the same entry twice.
                 idx = kc_ring_next(&self._r, idx)
                 kc_ring_publish_first(&self._r, idx)
-                handler(addr, data, e.pio != 0)
+                args[1] = <PyObject *>addr
+                args[2] = <PyObject *>data
+                args[3] = Py_True if e.pio else Py_False
+                if call != NULL:
+                    result = call(<PyObject *>handler, &args[1], 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
+                else:
+                    result = PyObject_Vectorcall(<PyObject *>handler, &args[1],
+                                                 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
+                if result == NULL:
+                    _propagate()
+                Py_DECREF(<object>result)
             self._consumer_idle()
             return n
         finally:

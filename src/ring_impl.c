@@ -114,24 +114,33 @@ void kc_ring_set_notifier(kc_ring *r, int efd, uint32_t *signaled)
     r->signaled = efd >= 0 ? signaled : NULL;
 }
 
-int kc_ring_notify_producer(const kc_ring *r)
+int kc_ring_claim_wakeup(const kc_ring *r)
 {
     uint32_t expected = 0;
-    uint64_t one = 1;
 
     if (r->efd < 0)
         return 0;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (__atomic_load_n(r->signaled, __ATOMIC_RELAXED) != 0)
         return 0;
-    if (!__atomic_compare_exchange_n(r->signaled, &expected, 1, 0, __ATOMIC_SEQ_CST,
-                                     __ATOMIC_RELAXED))
-        return 0;
+    return __atomic_compare_exchange_n(r->signaled, &expected, 1, 0, __ATOMIC_SEQ_CST,
+                                       __ATOMIC_RELAXED);
+}
+
+int kc_ring_signal(const kc_ring *r)
+{
+    uint64_t one = 1;
+
     while (write(r->efd, &one, sizeof one) < 0) {
         if (errno != EINTR)
             return -1;
     }
     return 0;
+}
+
+int kc_ring_notify_producer(const kc_ring *r)
+{
+    return kc_ring_claim_wakeup(r) ? kc_ring_signal(r) : 0;
 }
 
 int kc_ring_notify_consumer_idle(const kc_ring *r)

@@ -204,7 +204,14 @@ int kc_ring_init(kc_ring *r, void *base, size_t nbytes);
  * can cause spurious or missed wakeups, never a memory error.
  */
 void kc_ring_set_notifier(kc_ring *r, int efd, uint32_t *signaled);
-/* Returns 0, or -1 with errno set if the eventfd could not be written. */
+/*
+ * The producer's step in two halves, so that a caller can drop a lock (the
+ * GIL) around the system call: claim returns 1 if this producer must signal
+ * (it won the CAS), and signal writes the eventfd.  notify_producer does
+ * both.  They return 0, or -1 with errno set if the eventfd write failed.
+ */
+int kc_ring_claim_wakeup(const kc_ring *r);
+int kc_ring_signal(const kc_ring *r);
 int kc_ring_notify_producer(const kc_ring *r);
 int kc_ring_notify_consumer_idle(const kc_ring *r);
 

@@ -51,6 +51,8 @@ cdef extern from "ring_impl.h" nogil:
                               uint32_t *bad, uint32_t *bad_index)
     void kc_ring_reset(const kc_ring *r)
     void kc_ring_set_notifier(kc_ring *r, int efd, uint32_t *signaled)
+    int kc_ring_claim_wakeup(const kc_ring *r)
+    int kc_ring_signal(const kc_ring *r)
     int kc_ring_notify_producer(const kc_ring *r)
     int kc_ring_notify_consumer_idle(const kc_ring *r)
 

@@ -3,7 +3,6 @@
 # keeps the zones and buffers and hands this layer flat, sorted tables.
 
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
-from cpython.object cimport PyObject
 
 
 cdef struct kc_zone:
@@ -73,7 +72,8 @@ cdef class _ZoneBus:
         cdef Ring ring
         cdef uint64_t end
         cdef Py_ssize_t i
-        cdef int rc
+        cdef int rc, err = 0
+        cdef bint must_signal
         _fill_entry(&e, phys_addr, data, pio)
         table = self._pio if e.pio else self._mmio
         end = e.phys_addr + e.len
@@ -84,9 +84,10 @@ cdef class _ZoneBus:
             if e.phys_addr >= z.addr and end <= z.end:
                 ring = <Ring>z.ring
                 with nogil:
-                    rc = ring._produce(&e)
+                    rc = ring._produce(&e, &must_signal)
+                    if must_signal:
+                        err = ring._signal()
+                _check_signal(err)
                 if rc == KC_PUSH_OK:
                     return True
-                if rc < 0:
-                    raise OSError(-rc, f"cannot signal the ring's eventfd: {os.strerror(-rc)}")
         return False
