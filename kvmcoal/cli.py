@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from . import PAGE_SIZE, RING_MAX, Ring, guests, kvm
+from . import PAGE_SIZE, RING_MAX, Ring, Zone, guests, kvm
 
 MMIO_BASE = 0xD0000
 MMIO_REG = MMIO_BASE + 0x10
@@ -53,9 +53,9 @@ def run_guest(iterations: int, coalesced: bool) -> dict[str, Any]:
         memory[CODE_ADDR:CODE_ADDR + len(code)] = code
         vcpu = vm.create_vcpu()
         if coalesced:
-            vm.register_coalesced_mmio(MMIO_BASE, 0x1000)
+            vm.register_coalesced_mmio(Zone(MMIO_BASE, 0x1000))
             if k.has_coalesced_pio:
-                vm.register_coalesced_mmio(PORT, 1, pio=True)
+                vm.register_coalesced_mmio(Zone(PORT, 1, pio=True))
         vcpu.setup_real_mode(CODE_ADDR, segments={"es": MMIO_BASE >> 4}, rax=0,
                              rcx=iterations, rdi=MMIO_REG - MMIO_BASE, rdx=PORT)
         ring = vm.ring

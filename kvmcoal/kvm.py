@@ -6,12 +6,13 @@ userspace maps through a vCPU fd at page ``coalesced_mmio_page_offset``;
 the ring after every ``KVM_RUN`` return and *before* it handles the exit, so
 that the writes the guest made earlier reach the devices first.
 
+>>> from kvmcoal import Zone
 >>> from kvmcoal.kvm import Kvm, available
 >>> if available():
 ...     with Kvm() as kvm, kvm.create_vm() as vm:
 ...         _ = vm.add_memory(0, 0x10000)
 ...         vcpu = vm.create_vcpu()
-...         vm.register_coalesced_mmio(0xd0000, 0x1000)
+...         vm.register_coalesced_mmio(Zone(0xd0000, 0x1000))
 ...         type(vm.ring).__name__
 ... else:
 ...     'Ring'
@@ -32,6 +33,7 @@ from typing import Any
 from . import _ring
 from ._ring import KvmRunView
 from .errors import KvmcoalError
+from .zones import Zone
 
 __all__ = [
     "DEVICE",
@@ -249,24 +251,22 @@ class Vm:
         self._memory.append(memory)
         return memory
 
-    def register_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
-        """Coalesce guest writes to [addr, addr+size) (ports if *pio*)."""
-        self._zone_ioctl(True, addr, size, pio)
+    def register_coalesced_mmio(self, zone: Zone) -> None:
+        """KVM_REGISTER_COALESCED_MMIO: the kernel coalesces guest writes in *zone*."""
+        self._zone_ioctl(True, zone)
 
-    def unregister_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
-        """Remove every zone of the same kind that contains [addr, addr+size)."""
-        self._zone_ioctl(False, addr, size, pio)
+    def unregister_coalesced_mmio(self, zone: Zone) -> None:
+        """KVM_UNREGISTER_COALESCED_MMIO: remove every same-kind zone containing *zone*."""
+        self._zone_ioctl(False, zone)
 
-    def _zone_ioctl(self, register: bool, addr: int, size: int, pio: bool) -> None:
+    def _zone_ioctl(self, register: bool, zone: Zone) -> None:
+        if not isinstance(zone, Zone):
+            raise TypeError(f"zone must be a kvmcoal.Zone, not {type(zone).__name__!r}")
         if not self._ring_page:
             raise KvmUnavailableError("this kernel has no coalesced MMIO (KVM_CAP_COALESCED_MMIO)")
-        if pio and not self._has_pio:
+        if zone.pio and not self._has_pio:
             raise KvmUnavailableError("this kernel has no coalesced PIO (KVM_CAP_COALESCED_PIO)")
-        if not 0 <= addr < 1 << 64:
-            raise ValueError(f"zone address {addr:#x} is out of the u64 range")
-        if not 0 <= size < 1 << 32:
-            raise ValueError(f"zone size {size:#x} is out of the u32 range")
-        _ring.kvm_coalesced_zone(self.fileno(), register, addr, size, 1 if pio else 0)
+        _ring.kvm_coalesced_zone(self.fileno(), register, zone.addr, zone.size, int(zone.pio))
 
     def create_vcpu(self) -> Vcpu:
         """A new vCPU with the next free id."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmcoal import RING_MAX, Entry, guests, kvm
+from kvmcoal import RING_MAX, Entry, Zone, guests, kvm
 
 pytestmark = pytest.mark.kvm
 
@@ -78,8 +78,8 @@ def test_capabilities_here():
 
 @pytest.mark.parametrize("start", [0, 1, 84, 85, 168, 169])
 def test_guest_writes_reach_the_ring_in_order_and_full_ring_exits(vm, start):
-    vm.register_coalesced_mmio(MMIO_BASE, 0x1000)
-    vm.register_coalesced_mmio(PORT, 1, pio=True)
+    vm.register_coalesced_mmio(Zone(MMIO_BASE, 0x1000))
+    vm.register_coalesced_mmio(Zone(PORT, 1, pio=True))
     vcpu = start_guest(vm, iterations=100)
     ring = vm.ring
     assert ring.max == RING_MAX
@@ -105,7 +105,7 @@ def test_guest_writes_reach_the_ring_in_order_and_full_ring_exits(vm, start):
 
 
 def test_non_coalesced_exit_leaves_the_indices_alone(vm):
-    vm.register_coalesced_mmio(MMIO_BASE, 0x1000)  # MMIO coalesced, the port not
+    vm.register_coalesced_mmio(Zone(MMIO_BASE, 0x1000))  # MMIO coalesced, the port not
     vcpu = start_guest(vm, iterations=3)
     ring = vm.ring
     exit_ = vcpu.run()
@@ -118,8 +118,8 @@ def test_non_coalesced_exit_leaves_the_indices_alone(vm):
 
 
 def test_single_pio_byte_and_word_mmio_then_unregister(vm):
-    vm.register_coalesced_mmio(MMIO_REG + 8, 2)    # exactly the 2-byte register
-    vm.register_coalesced_mmio(PORT, 1, pio=True)  # exactly the 1-byte port
+    vm.register_coalesced_mmio(Zone(MMIO_REG + 8, 2))    # exactly the 2-byte register
+    vm.register_coalesced_mmio(Zone(PORT, 1, pio=True))  # exactly the 1-byte port
     vcpu = start_guest(vm, iterations=2, first_value=0x4241)
     ring = vm.ring
     exit_ = vcpu.run()  # the 4-byte store is outside both zones: an ordinary exit
@@ -128,9 +128,16 @@ def test_single_pio_byte_and_word_mmio_then_unregister(vm):
     assert as_write(exit_) == (MMIO_REG, 4, False, 0x4242)
     assert ring.drain() == [Entry(MMIO_REG + 8, b"\x41\x42"), Entry(PORT, b"\x41", pio=True)]
 
-    vm.unregister_coalesced_mmio(MMIO_REG + 8, 1)  # any range inside the zone removes it
-    vm.unregister_coalesced_mmio(PORT, 1, pio=True)
+    vm.unregister_coalesced_mmio(Zone(MMIO_REG + 8, 1))  # any range inside removes it
+    vm.unregister_coalesced_mmio(Zone(PORT, 1, pio=True))
     assert as_write(vcpu.run()) == (MMIO_REG + 8, 2, False, 0x4242)
     assert as_write(vcpu.run()) == (PORT, 1, True, 0x42)
     assert isinstance(vcpu.run(), kvm.HltExit)
     assert len(ring) == 0
+
+
+def test_zone_arguments_are_checked(vm):
+    with pytest.raises(TypeError, match="Zone"):
+        vm.register_coalesced_mmio((MMIO_BASE, 0x1000))
+    with pytest.raises(ValueError, match="u32"):
+        Zone(MMIO_BASE, 1 << 32)
