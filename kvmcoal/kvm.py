@@ -59,6 +59,18 @@ DEVICE = "/dev/kvm"
 _TSS_ADDR = 0xFFFBD000
 
 
+# x86 architectural bits (Intel SDM vol. 3), not part of the KVM ABI.
+_CR0_PE = 1 << 0
+_CR0_PG = 1 << 31
+_CR4_PAE = 1 << 5
+_EFER_LME = 1 << 8
+_EFER_LMA = 1 << 10
+_PTE_PRESENT_RW = 0x3
+_PTE_LARGE = 1 << 7
+_FLAT_SEGMENT = {"base": 0, "limit": 0xFFFFFFFF, "present": 1, "dpl": 0, "db": 1, "s": 1,
+                 "l": 0, "g": 1, "avl": 0, "unusable": 0}
+
+
 class KvmUnavailableError(KvmcoalError):
     """/dev/kvm cannot be used here; the message says why and what to do."""
 
@@ -226,7 +238,7 @@ class Vm:
         except BaseException:
             os.close(self._fd)
             raise
-        self._memory: list[mmap.mmap] = []
+        self._memory: list[tuple[int, mmap.mmap]] = []
         self._vcpus: list[Vcpu] = []
         self._ring: _ring.Ring | None = None
         self._ring_map: mmap.mmap | None = None
@@ -248,8 +260,16 @@ class Vm:
         except BaseException:
             memory.close()
             raise
-        self._memory.append(memory)
+        self._memory.append((guest_phys_addr, memory))
         return memory
+
+    def memory(self, guest_phys_addr: int, size: int) -> memoryview:
+        """A view of [guest_phys_addr, +size) of guest memory (one slot must back it all)."""
+        for base, memory in self._memory:
+            if base <= guest_phys_addr and guest_phys_addr + size <= base + len(memory):
+                return memoryview(memory)[guest_phys_addr - base:guest_phys_addr - base + size]
+        raise ValueError(f"no memory slot backs [{guest_phys_addr:#x}, "
+                         f"{guest_phys_addr + size:#x})")
 
     def register_coalesced_mmio(self, zone: Zone) -> None:
         """KVM_REGISTER_COALESCED_MMIO: the kernel coalesces guest writes in *zone*."""
@@ -301,7 +321,7 @@ class Vm:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        for memory in self._memory:
+        for _base, memory in self._memory:
             memory.close()
         self._memory.clear()
 
@@ -357,6 +377,37 @@ class Vcpu:
         selectors.update(segments or {})
         self.set_sregs({name: {"selector": sel, "base": sel * 16}
                         for name, sel in selectors.items()})
+        self.set_regs(rip=ip, rflags=0x2, **regs)
+
+    def setup_protected_mode(self, ip: int, **regs: int) -> None:
+        """Start in 32-bit flat protected mode at eip=*ip*: 4 GiB segments, no paging."""
+        code = dict(_FLAT_SEGMENT, selector=0x08, type=0xB)
+        data = dict(_FLAT_SEGMENT, selector=0x10, type=0x3)
+        sregs = self.get_sregs()
+        self.set_sregs({"cs": code, "ds": data, "es": data, "fs": data, "gs": data, "ss": data,
+                        "cr0": sregs["cr0"] | _CR0_PE})
+        self.set_regs(rip=ip, rflags=0x2, **regs)
+
+    def setup_long_mode(self, ip: int, *, page_tables: int = 0x8000, **regs: int) -> None:
+        """Start in 64-bit mode at rip=*ip*, the first 1 GiB identity-mapped.
+
+        Writes three pages of page tables into guest memory at *page_tables*
+        (2 MiB pages).  Needed for 8-byte stores: KVM's emulator does not
+        emulate MMX/SSE stores to MMIO, so a plain ``mov %rax, (%rdi)`` is
+        the only 8-byte MMIO write, and it needs long mode.
+        """
+        pml4, pdpt, pd = page_tables, page_tables + 0x1000, page_tables + 0x2000
+        tables = self.vm.memory(page_tables, 0x3000).cast("Q")
+        tables[0] = pdpt | _PTE_PRESENT_RW
+        tables[512] = pd | _PTE_PRESENT_RW
+        for i in range(512):
+            tables[1024 + i] = (i << 21) | _PTE_PRESENT_RW | _PTE_LARGE
+        code = dict(_FLAT_SEGMENT, selector=0x08, type=0xB, db=0, l=1)
+        data = dict(_FLAT_SEGMENT, selector=0x10, type=0x3)
+        sregs = self.get_sregs()
+        self.set_sregs({"cs": code, "ds": data, "es": data, "fs": data, "gs": data, "ss": data,
+                        "cr3": pml4, "cr4": sregs["cr4"] | _CR4_PAE,
+                        "cr0": sregs["cr0"] | _CR0_PE | _CR0_PG, "efer": _EFER_LME | _EFER_LMA})
         self.set_regs(rip=ip, rflags=0x2, **regs)
 
     def run(self) -> Exit:

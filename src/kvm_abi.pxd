@@ -39,20 +39,37 @@ cdef extern from "<linux/kvm.h>" nogil:
         uint64_t r8, r9, r10, r11, r12, r13, r14, r15
         uint64_t rip, rflags
 
+    # Every field is named, padding included: Cython converts these structs
+    # to and from dicts field by field, and a field left out would reach the
+    # kernel uninitialized (a stray bit in interrupt_bitmap injects an IRQ).
     struct kvm_segment:
         uint64_t base
         uint32_t limit
         uint16_t selector
-        uint8_t type, present, dpl, db, s, l, g, avl, unusable
+        uint8_t type, present, dpl, db, s, l, g, avl, unusable, padding
 
     struct kvm_dtable:
         uint64_t base
         uint16_t limit
+        uint16_t padding[3]
 
     struct kvm_sregs:
         kvm_segment cs, ds, es, fs, gs, ss, tr, ldt
         kvm_dtable gdt, idt
         uint64_t cr0, cr2, cr3, cr4, cr8, efer, apic_base
+        uint64_t interrupt_bitmap[4]
+
+# The sizes the declarations above rely on, checked against the header.
+cdef extern from *:
+    """
+    _Static_assert(sizeof(((struct kvm_sregs *)0)->interrupt_bitmap) == 4 * sizeof(__u64),
+                   "kvm_sregs.interrupt_bitmap is declared as 4 words in kvm_abi.pxd");
+    _Static_assert(sizeof(struct kvm_sregs) == 8 * sizeof(struct kvm_segment)
+                   + 2 * sizeof(struct kvm_dtable) + 11 * sizeof(__u64),
+                   "kvm_abi.pxd names every field of struct kvm_sregs");
+    _Static_assert(sizeof(struct kvm_segment) == 24 && sizeof(struct kvm_dtable) == 16,
+                   "kvm_abi.pxd names every field of kvm_segment and kvm_dtable");
+    """
 
     # The kvm_run exit payloads are anonymous structs in the header; these
     # names exist only on the Cython side and never reach the C code.

@@ -3,7 +3,7 @@
 Each program is assembly source in this folder (``NAME.S``, GNU as syntax,
 documented at its top) next to the flat binary built from it (``NAME.bin``).
 ``python -m kvmcoal.guests`` rebuilds every binary from its source with
-binutils (``as --32`` and ``objcopy -O binary``); a test checks that the
+binutils (``as --32``, or ``--64`` for 64-bit code, and ``objcopy -O binary``); a test checks that the
 committed binaries are exactly what their sources build to.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 __all__ = ["NAMES", "load", "assemble", "source_dir"]
 
-NAMES = ("store_loop",)
+NAMES = ("store_loop", "selftest")
 
 
 def source_dir() -> Path:
@@ -40,7 +40,9 @@ def assemble(source: Path) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         obj = Path(tmp) / "guest.o"
         binary = Path(tmp) / "guest.bin"
-        subprocess.run(["as", "--32", "-o", str(obj), str(source)], check=True)
+        # Sources that switch to 64-bit code need a 64-bit object.
+        bits = "--64" if ".code64" in source.read_text() else "--32"
+        subprocess.run(["as", bits, "-o", str(obj), str(source)], check=True)
         subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(binary)],
                        check=True)
         return binary.read_bytes()
