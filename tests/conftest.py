@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from kvmcoal import _ring, _ring_py
+from kvmcoal import _ring, _ring_py, kvm
 
 IMPLEMENTATIONS = {"c": _ring, "py": _ring_py}
 
@@ -25,3 +25,20 @@ def set_indices(buf: bytearray, first: int, last: int) -> None:
     """Write the ring header directly, as the kernel or a peer would."""
     write_u32(buf, 0, first)
     write_u32(buf, 4, last)
+
+
+@pytest.fixture
+def kvm_vm():
+    """A fresh VM on /dev/kvm; skipped, with the reason, where /dev/kvm is unusable."""
+    reason = kvm.why_unavailable()
+    if reason is not None:
+        pytest.skip(f"/dev/kvm is not usable here: {reason}")
+    with kvm.Kvm() as k, k.create_vm() as vm:
+        yield vm
+
+
+def load_guest(vm, name: str, addr: int = 0x1000, memory: int = 0x10000) -> None:
+    """Back [0, memory) with RAM and copy guest program *name* to *addr*."""
+    from kvmcoal import guests
+    code = guests.load(name)
+    vm.add_memory(0, memory)[addr:addr + len(code)] = code

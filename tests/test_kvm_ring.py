@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvmcoal import RING_MAX, Entry, Zone, guests, kvm
+from kvmcoal import RING_MAX, Entry, Zone, kvm
+
+from .conftest import load_guest
 
 pytestmark = pytest.mark.kvm
 
@@ -19,15 +21,9 @@ CODE_ADDR = 0x1000
 
 
 @pytest.fixture
-def vm():
-    reason = kvm.why_unavailable()
-    if reason is not None:
-        pytest.skip(f"/dev/kvm is not usable here: {reason}")
-    with kvm.Kvm() as k, k.create_vm() as machine:
-        memory = machine.add_memory(0, 0x10000)
-        code = guests.load("store_loop")
-        memory[CODE_ADDR:CODE_ADDR + len(code)] = code
-        yield machine
+def vm(kvm_vm):
+    load_guest(kvm_vm, "store_loop", CODE_ADDR)
+    return kvm_vm
 
 
 def start_guest(vm, iterations: int, first_value: int = 0x100):
