@@ -28,7 +28,7 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from . import _ring
 from ._ring import KvmRunView
@@ -38,6 +38,8 @@ from .zones import Zone
 __all__ = [
     "DEVICE",
     "Exit",
+    "GuestError",
+    "IoHandler",
     "FailEntryExit",
     "HltExit",
     "InternalErrorExit",
@@ -69,6 +71,11 @@ _PTE_PRESENT_RW = 0x3
 _PTE_LARGE = 1 << 7
 _FLAT_SEGMENT = {"base": 0, "limit": 0xFFFFFFFF, "present": 1, "dpl": 0, "db": 1, "s": 1,
                  "l": 0, "g": 1, "avl": 0, "unusable": 0}
+
+
+def _le_bytes(value: int, size: int) -> bytes:
+    """*value* as *size* little-endian bytes; the handler's excess high bits are dropped."""
+    return (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
 
 class KvmUnavailableError(KvmcoalError):
@@ -164,6 +171,31 @@ class OtherExit(Exit):
     """Any other exit reason, by number."""
 
     reason: int
+
+
+class IoHandler(Protocol):
+    """Where :meth:`Vcpu.run_loop` delivers the guest's accesses.
+
+    ``write`` receives coalesced writes from the ring and the writes that
+    exited, in guest order; ``read`` answers MMIO reads and ``in``.  Values
+    are little-endian; *pio* tells port I/O from MMIO.
+    """
+
+    def write(self, addr: int, data: bytes, pio: bool) -> object: ...
+
+    def read(self, addr: int, size: int, pio: bool) -> int: ...
+
+
+class GuestError(KvmcoalError):
+    """The guest stopped in a way the run loop cannot continue from.
+
+    ``exit`` is the exit that ended it (shutdown, failed entry, internal
+    error or an exit reason the loop does not handle).
+    """
+
+    def __init__(self, exit: Exit) -> None:
+        super().__init__(f"the guest stopped: {exit}")
+        self.exit = exit
 
 
 class Kvm:
@@ -420,6 +452,42 @@ class Vcpu:
         while not _ring.kvm_run_vcpu(fd):
             pass
         return self._decode_exit()
+
+    def run_loop(self, handler: IoHandler) -> HltExit:
+        """Run the guest until it halts, delivering every access to *handler*.
+
+        After **every** KVM_RUN return the VM's ring is drained into
+        ``handler.write`` *before* the exit is handled, so a write that
+        exited, and any read, comes after all the writes the guest made
+        earlier.  Several vCPUs may run their loops on several threads: the
+        ring's consumer lock makes each drain deliver its entries exactly
+        once, in ring order, and a vCPU's drain waits for one in progress.
+        Raises GuestError for an exit it cannot continue from.
+        """
+        ring = self.vm.ring if self.vm.kvm.coalesced_mmio_page_offset else None
+        write, read = handler.write, handler.read
+        while True:
+            exit_ = self.run()
+            if ring is not None:
+                ring.consume(write)
+            if isinstance(exit_, MmioExit):
+                if exit_.is_write:
+                    write(exit_.phys_addr, exit_.data, False)
+                else:
+                    value = read(exit_.phys_addr, exit_.len, False)
+                    self.complete_mmio_read(_le_bytes(value, exit_.len))
+            elif isinstance(exit_, IoExit):
+                if exit_.is_out:
+                    for i in range(0, exit_.size * exit_.count, exit_.size):
+                        write(exit_.port, exit_.data[i:i + exit_.size], True)
+                else:
+                    self.complete_io_in(b"".join(
+                        _le_bytes(read(exit_.port, exit_.size, True), exit_.size)
+                        for _ in range(exit_.count)))
+            elif isinstance(exit_, HltExit):
+                return exit_
+            else:
+                raise GuestError(exit_)
 
     def _decode_exit(self) -> Exit:
         run = self._run

@@ -17,7 +17,7 @@ from pathlib import Path
 
 __all__ = ["NAMES", "load", "assemble", "source_dir"]
 
-NAMES = ("store_loop", "selftest")
+NAMES = ("store_loop", "selftest", "ordering")
 
 
 def source_dir() -> Path:
