@@ -35,6 +35,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 
 import kvmcoal
 from kvmcoal import CoalescedBuffer, EmulatedVm, Zone
@@ -85,6 +86,49 @@ def latency_summary(latencies_ns: list[int]) -> dict:
         "min_us": s[0] / 1e3,
         "max_us": s[-1] / 1e3,
     }
+
+
+def _start_producer(script: str, fds: tuple[int, ...], *args: str) -> tuple[subprocess.Popen, int]:
+    """Start ``python -c script`` and wait until it says it is ready.
+
+    Its arguments are *fds*, then the read end of a "go" pipe and the write
+    end of a "ready" pipe, then *args*; all the fds are passed to it.  It
+    writes ``b"r"`` on the ready pipe once set up.  Returns the process and
+    the write end of its go pipe; if it does not start, it is reaped and
+    AssertionError is raised.
+    """
+    go_r, go_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    fds = (*fds, go_r, ready_w)
+    proc = None
+    try:
+        try:
+            proc = subprocess.Popen([sys.executable, "-c", script, *map(str, fds), *args],
+                                    pass_fds=fds)
+        finally:
+            os.close(go_r)
+            os.close(ready_w)
+        if os.read(ready_r, 1) != b"r":
+            raise AssertionError(f"the producer process failed to start "
+                                 f"(exit status {proc.wait(TIMEOUT_S)})")
+    except BaseException:
+        os.close(go_w)
+        if proc is not None:
+            _reap(proc)
+        raise
+    finally:
+        os.close(ready_r)
+    return proc, go_w
+
+
+def _reap(proc: subprocess.Popen) -> int:
+    """Wait for *proc* to exit and return its status; killed (and re-raised) after TIMEOUT_S."""
+    try:
+        return proc.wait(TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 # --------------------------------------------------------------------------
@@ -194,6 +238,11 @@ PROCESS_MODES = {
 _COMMANDS = {"kvmcoal": b"k", "eventfd": b"e", "vm_write": b"w"}
 
 
+def _waiter(buf: CoalescedBuffer) -> tuple:
+    """The consumer's (wait, drain) on *buf*, bound once, outside the round trips."""
+    return buf.wait, buf.ring.drain
+
+
 class _Wakeups:
     """Paced round trips against one producer; the calling thread is the consumer.
 
@@ -212,9 +261,17 @@ class _Wakeups:
     whether a woken consumer preempts the producer on the same CPU, and with
     a busier consumer loop the GIL effect described in ``test_wakeup.py``
     (``Ring.push`` holds the GIL across its eventfd ``write``) stops showing.
+
+    A subclass sets ``clock`` (what ``t_enter``, ``t0`` and ``t1`` are read
+    from) and, in ``__init__``, ``efd`` (the bare eventfd), ``_go_w`` (the
+    command pipe), ``_waits`` (mode -> the ``(wait, drain)`` pair the
+    consumer uses, for every mode but ``eventfd``) and ``_t0`` (a one-item
+    list: the slot the producer stores ``t0`` in, or ``[None]`` where ``t0``
+    travels with the write).
     """
 
     modes: dict[str, str] = {}
+    clock: Callable[[], int]
 
     def __init__(self) -> None:
         self.latencies: dict[str, list[int]] = {m: [] for m in self.modes}
@@ -252,7 +309,30 @@ class _Wakeups:
         return len(raw)
 
     def _loop(self, modes: list[str]) -> list[tuple]:
-        raise NotImplementedError
+        """The round trips, raw: (mode, t_enter, t0 or None, t1, ready, got) each."""
+        write, go, commands = os.write, self._go_w, _COMMANDS
+        clock, stamp = self.clock, self._t0
+        select_, efd, eventfd_read = select.select, self.efd, os.eventfd_read
+        waits = self._waits
+        raw: list[tuple] = []
+        append = raw.append
+        for mode in modes:
+            write(go, commands[mode])
+            if mode == "eventfd":
+                t_enter = clock()
+                ready = select_([efd], [], [], TIMEOUT_S)[0]
+                t1 = clock()
+                got = eventfd_read(efd) if ready else None
+            else:
+                wait, drain = waits[mode]
+                t_enter = clock()
+                ready = wait(TIMEOUT_S)
+                t1 = clock()
+                got = drain()
+            append((mode, t_enter, stamp[0], t1, ready, got))
+            if not ready:
+                break
+        return raw
 
     def _check_received(self, mode: str, t0: int, got: object) -> int:
         """Check what one round trip received; return its t0."""
@@ -284,6 +364,7 @@ class ThreadWakeups(_Wakeups):
     """
 
     modes = THREAD_MODES
+    clock = time.perf_counter_ns
 
     def __init__(self, pace: float = PACE_S) -> None:
         super().__init__()
@@ -294,6 +375,7 @@ class ThreadWakeups(_Wakeups):
         self.vm.register_coalesced_mmio2(Zone(WAKE_ADDR, 8), self.vm_buf)
         self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._go_r, self._go_w = os.pipe()
+        self._waits = {"kvmcoal": _waiter(self.buf), "vm_write": _waiter(self.vm_buf)}
         self._t0 = [0]
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._producer, name="wake-producer", daemon=True)
@@ -301,7 +383,7 @@ class ThreadWakeups(_Wakeups):
 
     def _producer(self) -> None:
         read, go, sleep, pace = os.read, self._go_r, time.sleep, self.pace
-        clock, t0 = time.perf_counter_ns, self._t0
+        clock, t0 = self.clock, self._t0
         push, write = self.buf.ring.push, self.vm.write
         eventfd_write, efd = os.eventfd_write, self.efd
         seq_k = seq_w = 0
@@ -331,32 +413,6 @@ class ThreadWakeups(_Wakeups):
                     raise AssertionError(f"the producer's write was refused (command {cmd!r})")
         except BaseException as exc:  # reported by the consumer, which would time out
             self._error = exc
-
-    def _loop(self, modes: list[str]) -> list[tuple]:
-        write, go, commands = os.write, self._go_w, _COMMANDS
-        clock, stamp = time.perf_counter_ns, self._t0
-        select_, efd, eventfd_read = select.select, self.efd, os.eventfd_read
-        waits = {"kvmcoal": (self.buf.wait, self.buf.ring.drain),
-                 "vm_write": (self.vm_buf.wait, self.vm_buf.ring.drain)}
-        raw: list[tuple] = []
-        append = raw.append
-        for mode in modes:
-            write(go, commands[mode])
-            if mode == "eventfd":
-                t_enter = clock()
-                ready = select_([efd], [], [], TIMEOUT_S)[0]
-                t1 = clock()
-                got = eventfd_read(efd) if ready else None
-            else:
-                wait, drain = waits[mode]
-                t_enter = clock()
-                ready = wait(TIMEOUT_S)
-                t1 = clock()
-                got = drain()
-            append((mode, t_enter, stamp[0], t1, ready, got))
-            if not ready:
-                break
-        return raw
 
     def _check_received(self, mode: str, t0: int, got: object) -> int:
         if mode == "eventfd":
@@ -432,54 +488,22 @@ class ProcessWakeups(_Wakeups):
     """
 
     modes = PROCESS_MODES
+    clock = time.monotonic_ns
 
     def __init__(self, pace: float = PACE_S) -> None:
         super().__init__()
         self.buf = CoalescedBuffer()
         self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        go_r, self._go_w = os.pipe()
-        ready_r, ready_w = os.pipe()
+        self._waits = {"kvmcoal": _waiter(self.buf)}
+        self._t0 = [None]                # t0 comes with what the consumer receives
         memfd, ring_efd = self.buf.fds()
-        fds = (memfd, ring_efd, self.efd, go_r, ready_w)
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-c", WAKE_PRODUCER, *map(str, fds), repr(pace)], pass_fds=fds)
-        finally:
-            os.close(go_r)
-            os.close(ready_w)
-        try:
-            if os.read(ready_r, 1) != b"r":
-                raise AssertionError(f"the producer process failed to start "
-                                     f"(exit status {self._proc.wait(TIMEOUT_S)})")
+            self._proc, self._go_w = _start_producer(WAKE_PRODUCER, (memfd, ring_efd, self.efd),
+                                                     repr(pace))
         except BaseException:
-            self.close()
+            os.close(self.efd)
+            self.buf.close()
             raise
-        finally:
-            os.close(ready_r)
-
-    def _loop(self, modes: list[str]) -> list[tuple]:
-        write, go, commands = os.write, self._go_w, _COMMANDS
-        clock = time.monotonic_ns
-        select_, efd, eventfd_read = select.select, self.efd, os.eventfd_read
-        wait, drain = self.buf.wait, self.buf.ring.drain
-        raw: list[tuple] = []
-        append = raw.append
-        for mode in modes:
-            write(go, commands[mode])
-            if mode == "eventfd":
-                t_enter = clock()
-                ready = select_([efd], [], [], TIMEOUT_S)[0]
-                t1 = clock()
-                got = eventfd_read(efd) if ready else None
-            else:
-                t_enter = clock()
-                ready = wait(TIMEOUT_S)
-                t1 = clock()
-                got = drain()
-            append((mode, t_enter, None, t1, ready, got))
-            if not ready:
-                break
-        return raw
 
     def _check_received(self, mode: str, t0: object, got: object) -> int:
         if mode == "eventfd":
@@ -505,11 +529,7 @@ class ProcessWakeups(_Wakeups):
             pass
         os.close(self._go_w)
         try:
-            status = self._proc.wait(TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-            raise
+            status = _reap(self._proc)
         finally:
             os.close(self.efd)
             self.buf.close()
@@ -579,23 +599,8 @@ class KvmcoalTransfer:
         self.finish()
         self._out = bytearray(len(self.expected))
         self._got = 0
-        memfd, efd = self.buf.fds()
-        go_r, self._go_w = os.pipe()
-        ready_r, ready_w = os.pipe()
-        fds = (memfd, efd, go_r, ready_w)
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-c", TRANSFER_PRODUCER, *map(str, fds), str(self.records)],
-                pass_fds=fds)
-        finally:
-            os.close(go_r)
-            os.close(ready_w)
-        try:
-            if os.read(ready_r, 1) != b"r":
-                raise AssertionError(f"the producer process failed to start "
-                                     f"(exit status {self._proc.wait(TIMEOUT_S)})")
-        finally:
-            os.close(ready_r)
+        self._proc, self._go_w = _start_producer(TRANSFER_PRODUCER, self.buf.fds(),
+                                                 str(self.records))
 
     def run(self) -> int:
         """Timed: start the producer and receive every record; returns how many."""
@@ -621,12 +626,7 @@ class KvmcoalTransfer:
             return
         proc, self._proc = self._proc, None
         os.close(self._go_w)
-        try:
-            status = proc.wait(TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
+        status = _reap(proc)
         assert status == 0, f"the producer process exited with status {status}"
         assert self._got == self.records, f"received {self._got} of {self.records} records"
         assert len(self.buf.ring) == 0, "records left in the ring after the transfer"

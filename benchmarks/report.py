@@ -32,11 +32,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import platform
-import statistics
 import sys
-import timeit
 
 import numpy as np
 
@@ -44,14 +40,16 @@ import kvmcoal
 
 if __package__:
     from . import baselines
+    from .reporting import (
+        RATIO_HEAD, emit, environment, headline, is_met, noop, ratio_columns, spread, table,
+        time_blocks, timing_figures)
     from .workload import FullRing, empty_handler
 else:  # run as a script: python benchmarks/report.py
     import baselines
+    from reporting import (
+        RATIO_HEAD, emit, environment, headline, is_met, noop, ratio_columns, spread, table,
+        time_blocks, timing_figures)
     from workload import FullRing, empty_handler
-
-
-def _noop() -> None:
-    pass
 
 
 def build_methods(fr: FullRing):
@@ -91,12 +89,12 @@ def build_methods(fr: FullRing):
          fr.refill, cap),
         ("plain_loop", "plain Python loop (handler x N)",
          functools.partial(baselines.plain_handler_loop, empty_handler, cap, args),
-         _noop, cap),
+         noop, cap),
         ("plain_loop_star", "plain Python loop, handler(*args)",
          functools.partial(baselines.plain_handler_loop_star, empty_handler, cap, args),
-         _noop, cap),
+         noop, cap),
         ("empty_call", "empty call (timing overhead)",
-         functools.partial(_noop), _noop, None),
+         functools.partial(noop), noop, None),
     ]
     for key, _label, fn, setup, _n in methods:
         if key == "empty_call":
@@ -115,50 +113,26 @@ def build_methods(fr: FullRing):
 def measure(repeat: int, blocks: int) -> dict:
     fr = FullRing()
     methods = build_methods(fr)
-    per_block = max(1, repeat // blocks)
-    times: dict[str, list[float]] = {key: [] for key, *_ in methods}
-    block_best: dict[str, list[float]] = {key: [] for key, *_ in methods}
     refills_before = fr.refills
-    ring_calls = 0
-    for _ in range(blocks):
-        for key, _label, fn, setup, _n in methods:
-            t = timeit.Timer(fn, setup=setup, timer=timeit.default_timer)
-            timings = t.repeat(repeat=per_block, number=1)
-            times[key].extend(timings)
-            block_best[key].append(min(timings))
-            if setup == fr.refill:
-                ring_calls += per_block
+    per_block, times, block_best = time_blocks(methods, repeat, blocks)
     # Each refill after the first checked that the previous call emptied
     # the ring; the last call is checked here.
     fr.assert_empty()
-    assert fr.refills - refills_before == ring_calls
+    ring_methods = sum(setup == fr.refill for _key, _label, _fn, setup, _n in methods)
+    assert fr.refills - refills_before == ring_methods * per_block * blocks
 
-    results = {}
-    for key, label, _fn, _setup, n in methods:
-        best = min(times[key])
-        median = statistics.median(times[key])
-        results[key] = {
-            "label": label,
-            "entries": n,
-            "timings": len(times[key]),
-            "best_us_per_ring": best * 1e6,
-            "median_us_per_ring": median * 1e6,
-            "best_ns_per_entry": best / n * 1e9 if n else None,
-            "median_ns_per_entry": median / n * 1e9 if n else None,
-        }
+    results = {key: timing_figures(label, times[key], "entries", n, "ring", "entry")
+               for key, label, _fn, _setup, n in methods}
 
     def ratio(num, den):
         # "blocks": the median over blocks of the ratio of the two methods'
         # best times in that block, i.e. of timings taken close together;
         # the verdict uses it, as it is the least sensitive to the machine
         # changing speed during the run.
-        per_block = [a / b for a, b in zip(block_best[num], block_best[den])]
         return {
             "best": results[num]["best_us_per_ring"] / results[den]["best_us_per_ring"],
             "median": results[num]["median_us_per_ring"] / results[den]["median_us_per_ring"],
-            "blocks": statistics.median(per_block),
-            "blocks_min": min(per_block),
-            "blocks_max": max(per_block),
+            **spread(block_best[num], block_best[den]),
         }
 
     ratios = [
@@ -169,21 +143,12 @@ def measure(repeat: int, blocks: int) -> dict:
         # Not a target: the same loop written handler(*args), for reference.
         ("consume / plain-loop(*args)", ratio("consume", "plain_loop_star"), None, None),
     ]
-    ratio_list = []
-    for name, r, op, target in ratios:
-        if op is None:
-            ratio_list.append({"name": name, **r, "target": None, "met": None})
-            continue
-        met = r["blocks"] >= target if op == ">=" else r["blocks"] <= target
-        ratio_list.append({"name": name, **r, "target": f"{op} {target:g}x", "met": met})
+    ratio_list = [{"name": name, **r, "target": None if op is None else f"{op} {target:g}x",
+                   "met": is_met(op, target, r["blocks"])} for name, r, op, target in ratios]
 
     return {
         "meta": {
-            "python": platform.python_version(),
-            "implementation": platform.python_implementation(),
-            "machine": platform.machine(),
-            "kvmcoal": kvmcoal.__version__,
-            "ring_module": kvmcoal.Ring.__module__,
+            **environment(),
             "page_size": kvmcoal.PAGE_SIZE,
             "ring_max": kvmcoal.RING_MAX,
             "entries_per_ring": fr.capacity,
@@ -202,40 +167,17 @@ def measure(repeat: int, blocks: int) -> dict:
 def format_table(report: dict) -> str:
     meta = report["meta"]
     lines = [
-        f"kvmcoal {meta['kvmcoal']} ({meta['ring_module']}), Python {meta['python']}, "
-        f"{meta['machine']}",
+        headline(meta),
         f"full ring: {meta['entries_per_ring']} entries (PAGE_SIZE {meta['page_size']}, "
         f"RING_MAX {meta['ring_max']}); best of {meta['repeat']} timings "
         f"in {meta['blocks']} interleaved blocks; refill not timed",
         "",
     ]
-    head = f"{'method':<34} {'µs/ring':>9} {'ns/entry':>9} {'median µs':>10}"
-    lines += [head, "-" * len(head)]
-    for r in report["methods"].values():
-        per_entry = "-" if r["best_ns_per_entry"] is None else f"{r['best_ns_per_entry']:.1f}"
-        lines.append(f"{r['label']:<34} {r['best_us_per_ring']:>9.2f} "
-                     f"{per_entry:>9} {r['median_us_per_ring']:>10.2f}")
+    lines += table(f"{'method':<34} {'µs/ring':>9} {'ns/entry':>9} {'median µs':>10}",
+                   (_method_row(r) for r in report["methods"].values()))
     lines.append("")
-    head = (f"{'ratio':<34} {'best':>8} {'median':>8} {'blocks':>8} "
-            f"{'(range)':>15}  {'target':<8} result")
-    lines += [head, "-" * len(head)]
-    for r in report["ratios"]:
-        got = r["blocks"]
-        span = f"{r['blocks_min']:.2f}-{r['blocks_max']:.2f}x"
-        if r["target"] is None:
-            lines.append(f"{r['name']:<34} {r['best']:>7.2f}x {r['median']:>7.2f}x "
-                         f"{got:>7.2f}x {span:>15}  {'-':<8} (reference, no target)")
-            continue
-        op, value = r["target"].split()
-        value = float(value.rstrip("x"))
-        if r["met"]:
-            verdict = "met"
-        elif op == ">=":
-            verdict = f"MISSED by {value - got:.2f}x ({(1 - got / value) * 100:.1f}% short)"
-        else:
-            verdict = f"MISSED by {got - value:.2f}x ({(got / value - 1) * 100:.1f}% over)"
-        lines.append(f"{r['name']:<34} {r['best']:>7.2f}x {r['median']:>7.2f}x "
-                     f"{got:>7.2f}x {span:>15}  {r['target']:<8} {verdict}")
+    lines += table(f"{'ratio':<34} {'best':>8} {'median':>8} {RATIO_HEAD}",
+                   (_ratio_row(r) for r in report["ratios"]))
     lines += [
         "",
         "best: ratio of the best times; median: ratio of the median times;",
@@ -243,6 +185,21 @@ def format_table(report: dict) -> str:
         "within a block (the verdict uses it); range: lowest to highest block ratio.",
     ]
     return "\n".join(lines)
+
+
+def _method_row(r: dict) -> str:
+    per_entry = "-" if r["best_ns_per_entry"] is None else f"{r['best_ns_per_entry']:.1f}"
+    return (f"{r['label']:<34} {r['best_us_per_ring']:>9.2f} "
+            f"{per_entry:>9} {r['median_us_per_ring']:>10.2f}")
+
+
+def _ratio_row(r: dict) -> str:
+    op, target = None, None
+    if r["target"] is not None:     # e.g. ">= 50x"
+        op, number = r["target"].split()
+        target = float(number.rstrip("x"))
+    return (f"{r['name']:<34} {r['best']:>7.2f}x {r['median']:>7.2f}x "
+            f"{ratio_columns(r, op, target)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,15 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1 or args.blocks < 1:
         parser.error("--repeat and --blocks must be positive")
 
-    report = measure(args.repeat, min(args.blocks, args.repeat))
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        print()
-    else:
-        print(format_table(report))
-    if args.check and any(r["met"] is False for r in report["ratios"]):
-        return 1
-    return 0
+    return emit(measure(args.repeat, min(args.blocks, args.repeat)), args, format_table)
 
 
 if __name__ == "__main__":

@@ -41,29 +41,22 @@ p50 at most 1.2x a bare eventfd's (threads, and processes); kvmcoal at least
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-import timeit
-
-import kvmcoal
 
 if __package__:
     from . import buffers_workload as bw
+    from .reporting import (
+        RATIO_HEAD, emit, environment, headline, is_met, noop, ratio_columns, rotated, spread,
+        table, time_blocks, timing_figures)
 else:  # run as a script: python benchmarks/report_buffers.py
     import buffers_workload as bw
-
-
-def _noop() -> None:
-    pass
-
-
-def _rotated(items: list, k: int) -> list:
-    k %= len(items)
-    return items[k:] + items[:k]
+    from reporting import (
+        RATIO_HEAD, emit, environment, headline, is_met, noop, ratio_columns, rotated, spread,
+        table, time_blocks, timing_figures)
 
 
 def measure_producer(repeat: int, blocks: int) -> dict:
@@ -72,56 +65,31 @@ def measure_producer(repeat: int, blocks: int) -> dict:
         methods = [
             ("vm_write", "EmulatedVm.write (zone -> ring)", p.vm_write_batch, p.reset),
             ("ring_push", "Ring.push (same ring)", p.ring_push_batch, p.reset),
-            ("empty_loop", "the loop alone (reference)", p.empty_loop, _noop),
+            ("empty_loop", "the loop alone (reference)", p.empty_loop, noop),
         ]
-        per_block = max(1, repeat // blocks)
-        times: dict[str, list[float]] = {key: [] for key, *_ in methods}
-        block_best: dict[str, list[float]] = {key: [] for key, *_ in methods}
         resets_before = p.resets
-        ring_calls = 0
-        for b in range(blocks):
-            for key, _label, fn, setup in _rotated(methods, b):
-                timings = timeit.Timer(fn, setup=setup).repeat(repeat=per_block, number=1)
-                times[key].extend(timings)
-                block_best[key].append(min(timings))
-                if setup == p.reset:
-                    ring_calls += per_block
+        per_block, times, block_best = time_blocks(methods, repeat, blocks, rotate=True)
         # Each reset after the first checked the call before it; check the last one.
         p.check_contents()
-        assert p.resets - resets_before == ring_calls
+        ring_methods = sum(setup == p.reset for _key, _label, _fn, setup in methods)
+        assert p.resets - resets_before == ring_methods * per_block * blocks
         batch = p.batch
         ring_entries = p.ring.capacity
 
-    results = {}
-    for key, label, *_ in methods:
-        best, median = min(times[key]), statistics.median(times[key])
-        results[key] = {
-            "label": label,
-            "writes_per_call": batch,
-            "timings": len(times[key]),
-            "best_us_per_call": best * 1e6,
-            "median_us_per_call": median * 1e6,
-            "best_ns_per_write": best / batch * 1e9,
-            "median_ns_per_write": median / batch * 1e9,
-        }
-    per_block_ratio = [a / b for a, b in zip(block_best["vm_write"], block_best["ring_push"])]
+    results = {key: timing_figures(label, times[key], "writes_per_call", batch, "call", "write")
+               for key, label, *_ in methods}
     ratio = {
         "name": "EmulatedVm.write / Ring.push",
         "best": results["vm_write"]["best_us_per_call"] / results["ring_push"]["best_us_per_call"],
         "pooled": (results["vm_write"]["median_us_per_call"]
                    / results["ring_push"]["median_us_per_call"]),
-        **_spread(per_block_ratio),
+        **spread(block_best["vm_write"], block_best["ring_push"]),
         "op": "<=", "target": 2.0,
     }
     return {
         "batch": batch, "ring_entries": ring_entries, "repeat": per_block * blocks,
         "blocks": blocks, "methods": results, "ratios": [ratio],
     }
-
-
-def _spread(per_block: list[float]) -> dict:
-    return {"blocks": statistics.median(per_block), "blocks_min": min(per_block),
-            "blocks_max": max(per_block)}
 
 
 WARMUP_ROUND_TRIPS = 20
@@ -139,7 +107,7 @@ def measure_wakeups(round_trips: int, blocks: int) -> dict:
             block_p99: dict[str, list[float]] = {m: [] for m in modes}
             for b in range(blocks):
                 start = {m: len(h.latencies[m]) for m in modes}
-                h.run([mode for i in range(per_block) for mode in _rotated(modes, b + i)])
+                h.run([mode for i in range(per_block) for mode in rotated(modes, b + i)])
                 for m in modes:
                     s = sorted(h.latencies[m][start[m]:])
                     block_p50[m].append(bw.percentile(s, 50))
@@ -151,8 +119,7 @@ def measure_wakeups(round_trips: int, blocks: int) -> dict:
             got = out[kind]
             return {"name": name,
                     "pooled": got[num][f"{stat}_us"] / got["eventfd"][f"{stat}_us"],
-                    **_spread([a / b for a, b in zip(per_block_stat[num],
-                                                     per_block_stat["eventfd"])]),
+                    **spread(per_block_stat[num], per_block_stat["eventfd"]),
                     "op": op, "target": target}
 
         out["ratios"].append(ratio("kvmcoal", f"wake p50, {kind}: kvmcoal / eventfd", "p50",
@@ -175,7 +142,7 @@ def measure_throughput(records: int, transfers: int) -> dict:
     batches: dict[str, list[int]] = {key: [] for key, _ in methods}
     try:
         for b in range(transfers):
-            for key, t in _rotated(methods, b):
+            for key, t in rotated(methods, b):
                 t.prepare()
                 t0 = time.perf_counter()
                 n = t.run()
@@ -203,7 +170,7 @@ def measure_throughput(records: int, transfers: int) -> dict:
         return {"name": name,
                 "pooled": (results[num]["median_records_per_s"]
                            / results["queue"]["median_records_per_s"]),
-                **_spread([a / b for a, b in zip(rates[num], rates["queue"])]),
+                **spread(rates[num], rates["queue"]),
                 "op": op, "target": target}
 
     return {
@@ -218,26 +185,13 @@ def measure(args: argparse.Namespace) -> dict:
     producer = measure_producer(args.repeat, min(args.blocks, args.repeat))
     wakeups = measure_wakeups(args.round_trips, min(args.blocks, args.round_trips))
     throughput = measure_throughput(args.records, args.transfers)
-    ratios = []
-    for r in producer["ratios"] + wakeups["ratios"] + throughput["ratios"]:
-        if r["op"] is None:
-            met = None
-        elif r["op"] == ">=":
-            met = r["blocks"] >= r["target"]
-        else:
-            met = r["blocks"] <= r["target"]
-        ratios.append({**r, "met": met})
+    ratios = [{**r, "met": is_met(r["op"], r["target"], r["blocks"])}
+              for r in producer["ratios"] + wakeups["ratios"] + throughput["ratios"]]
     for section in (producer, wakeups, throughput):
         del section["ratios"]
     return {
         "meta": {
-            "python": platform.python_version(),
-            "implementation": platform.python_implementation(),
-            "machine": platform.machine(),
-            "kernel": platform.release(),
-            "cpus": len(os.sched_getaffinity(0)),
-            "kvmcoal": kvmcoal.__version__,
-            "ring_module": kvmcoal.Ring.__module__,
+            **environment(kernel=platform.release(), cpus=len(os.sched_getaffinity(0))),
             "statistic": ("per ratio: pooled (the statistic over all samples) and blocks "
                           "(median over blocks of the within-block ratio), which the "
                           "verdict uses"),
@@ -249,70 +203,50 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
-def _verdict(r: dict) -> str:
-    if r["met"] is None:
-        return "(reference, no target)"
-    if r["met"]:
-        return "met"
-    got, value = r["blocks"], r["target"]
-    if r["op"] == ">=":
-        return f"MISSED by {value - got:.2f}x ({(1 - got / value) * 100:.1f}% short)"
-    return f"MISSED by {got - value:.2f}x ({(got / value - 1) * 100:.1f}% over)"
-
-
 def format_table(report: dict) -> str:
     meta, prod, wake, thr = (report["meta"], report["producer"], report["wakeups"],
                              report["throughput"])
     lines = [
-        f"kvmcoal {meta['kvmcoal']} ({meta['ring_module']}), Python {meta['python']}, "
-        f"{meta['machine']}, {meta['cpus']} CPUs, Linux {meta['kernel']}",
+        f"{headline(meta)}, {meta['cpus']} CPUs, Linux {meta['kernel']}",
         "",
         f"1. producer: {prod['batch']} 4-byte writes per timed call into one "
         f"{prod['ring_entries']}-entry ring; reset not timed;",
         f"   best of {prod['repeat']} timings in {prod['blocks']} interleaved blocks",
+        *table(f"{'method':<40} {'µs/call':>9} {'ns/write':>9} {'median ns':>10}", (
+            f"{r['label']:<40} {r['best_us_per_call']:>9.1f} "
+            f"{r['best_ns_per_write']:>9.1f} {r['median_ns_per_write']:>10.1f}"
+            for r in prod["methods"].values())),
     ]
-    head = f"{'method':<40} {'µs/call':>9} {'ns/write':>9} {'median ns':>10}"
-    lines += [head, "-" * len(head)]
-    for r in prod["methods"].values():
-        lines.append(f"{r['label']:<40} {r['best_us_per_call']:>9.1f} "
-                     f"{r['best_ns_per_write']:>9.1f} {r['median_ns_per_write']:>10.1f}")
 
+    width = max(len(f"{kind}: {r['label']}") for kind in ("threads", "processes")
+                for r in wake[kind].values())
     lines += [
         "",
         f"2. wake latency: one write, consumer asleep (producer sleeps {wake['pace_us']:.0f} µs "
         f"first); {wake['round_trips']} round trips",
         f"   per mechanism in {wake['blocks']} blocks, mechanisms alternating",
+        *table(f"{'mechanism':<{width}} {'p50 µs':>7} {'p99 µs':>7} {'min µs':>7} "
+               f"{'lead µs':>8}", (
+            f"{kind + ': ' + r['label']:<{width}} {r['p50_us']:>7.1f} "
+            f"{r['p99_us']:>7.1f} {r['min_us']:>7.1f} {r['min_lead_us']:>8.0f}"
+            for kind in ("threads", "processes") for r in wake[kind].values())),
     ]
-    width = max(len(f"{kind}: {r['label']}") for kind in ("threads", "processes")
-                for r in wake[kind].values())
-    head = (f"{'mechanism':<{width}} {'p50 µs':>7} {'p99 µs':>7} {'min µs':>7} "
-            f"{'lead µs':>8}")
-    lines += [head, "-" * len(head)]
-    for kind in ("threads", "processes"):
-        for r in wake[kind].values():
-            lines.append(f"{kind + ': ' + r['label']:<{width}} {r['p50_us']:>7.1f} "
-                         f"{r['p99_us']:>7.1f} {r['min_us']:>7.1f} {r['min_lead_us']:>8.0f}")
 
     lines += [
         "",
         f"3. throughput: {thr['records']} {thr['record_bytes']}-byte records, producer "
         f"subprocess -> this process;",
         f"   {thr['transfers']} transfers per method, interleaved; every record checked, in order",
+        *table(f"{'method':<54} {'records/s':>11} {'best':>11} {'receives':>9}", (
+            f"{r['label']:<54} {r['median_records_per_s']:>11,.0f} "
+            f"{r['best_records_per_s']:>11,.0f} {r['median_receive_calls']:>9,.0f}"
+            for r in thr["methods"].values())),
     ]
-    head = f"{'method':<54} {'records/s':>11} {'best':>11} {'receives':>9}"
-    lines += [head, "-" * len(head)]
-    for r in thr["methods"].values():
-        lines.append(f"{r['label']:<54} {r['median_records_per_s']:>11,.0f} "
-                     f"{r['best_records_per_s']:>11,.0f} {r['median_receive_calls']:>9,.0f}")
 
     lines.append("")
-    head = (f"{'ratio':<38} {'pooled':>8} {'blocks':>8} {'(range)':>15}  {'target':<8} result")
-    lines += [head, "-" * len(head)]
-    for r in report["ratios"]:
-        span = f"{r['blocks_min']:.2f}-{r['blocks_max']:.2f}x"
-        target = "-" if r["op"] is None else f"{r['op']} {r['target']:g}x"
-        lines.append(f"{r['name']:<38} {r['pooled']:>7.2f}x {r['blocks']:>7.2f}x "
-                     f"{span:>15}  {target:<8} {_verdict(r)}")
+    lines += table(f"{'ratio':<38} {'pooled':>8} {RATIO_HEAD}", (
+        f"{r['name']:<38} {r['pooled']:>7.2f}x {ratio_columns(r, r['op'], r['target'])}"
+        for r in report["ratios"]))
     lines += [
         "",
         "producer: µs/call and ns/write are the best timing, median ns the median;",
@@ -345,15 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.repeat, args.round_trips, args.blocks, args.records, args.transfers) < 1:
         parser.error("every count must be positive")
 
-    report = measure(args)
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        print()
-    else:
-        print(format_table(report))
-    if args.check and any(r["met"] is False for r in report["ratios"]):
-        return 1
-    return 0
+    return emit(measure(args), args, format_table)
 
 
 if __name__ == "__main__":
