@@ -131,3 +131,17 @@ def test_permission_denied_says_how_to_fix_it():
         message = pipe.read()
     os.waitpid(pid, 0)
     assert "permission denied" in message and "usermod -aG kvm" in message
+
+
+def test_protected_mode_reaches_mmio_above_1_mib(kvm_vm):
+    load_guest(kvm_vm, "flat32", CODE)
+    high = Zone(0xE0000000, 0x1000)
+    kvm_vm.register_coalesced_mmio(high)
+    vcpu = kvm_vm.create_vcpu()
+    vcpu.setup_protected_mode(CODE, rax=0x100, rcx=500, rdi=high.addr + 4, rdx=0x3F8)
+    device = Device()
+    vcpu.run_loop(device)
+    expected = []
+    for v in range(0x100, 0x100 + 500):
+        expected += [(high.addr + 4, v), (0x3F8, v & 0xFF)]
+    assert device.applied == expected

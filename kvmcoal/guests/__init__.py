@@ -17,7 +17,7 @@ from pathlib import Path
 
 __all__ = ["NAMES", "load", "assemble", "source_dir"]
 
-NAMES = ("store_loop", "selftest", "ordering")
+NAMES = ("store_loop", "selftest", "ordering", "flat32")
 
 
 def source_dir() -> Path:
