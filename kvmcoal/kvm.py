@@ -378,6 +378,8 @@ class Vcpu:
             os.close(self._fd)
             raise
         self._run = KvmRunView(self._map)
+        self.exit_count = 0
+        """KVM_RUN returns so far: each one an exit to userspace."""
 
     def fileno(self) -> int:
         if self._fd < 0:
@@ -451,6 +453,7 @@ class Vcpu:
         fd = self.fileno()
         while not _ring.kvm_run_vcpu(fd):
             pass
+        self.exit_count += 1
         return self._decode_exit()
 
     def run_loop(self, handler: IoHandler) -> HltExit:
