@@ -73,7 +73,7 @@ def run_guest(iterations: int, coalesced: bool) -> dict[str, Any]:
                              rcx=iterations, rdi=MMIO_REG - MMIO_BASE, rdx=PORT)
         checker = _StreamChecker(iterations)
         start = time.perf_counter()
-        vcpu.run_loop(checker)
+        vcpu.run_loop(checker.write, checker.read)
         elapsed = time.perf_counter() - start
         checker.check_complete()
         exits = vcpu.exit_count

@@ -28,7 +28,8 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 from . import _ring
 from ._ring import KvmRunView
@@ -39,7 +40,8 @@ __all__ = [
     "DEVICE",
     "Exit",
     "GuestError",
-    "IoHandler",
+    "ReadHandler",
+    "WriteHandler",
     "FailEntryExit",
     "HltExit",
     "InternalErrorExit",
@@ -173,17 +175,10 @@ class OtherExit(Exit):
     reason: int
 
 
-class IoHandler(Protocol):
-    """Where :meth:`Vcpu.run_loop` delivers the guest's accesses.
-
-    ``write`` receives coalesced writes from the ring and the writes that
-    exited, in guest order; ``read`` answers MMIO reads and ``in``.  Values
-    are little-endian; *pio* tells port I/O from MMIO.
-    """
-
-    def write(self, addr: int, data: bytes, pio: bool) -> object: ...
-
-    def read(self, addr: int, size: int, pio: bool) -> int: ...
+WriteHandler = Callable[[int, bytes, bool], object]
+"""``write(addr, data, pio)``: a guest write of ``len(data)`` bytes (little-endian)."""
+ReadHandler = Callable[[int, int, bool], int]
+"""``read(addr, size, pio) -> value``: answer a guest MMIO load or ``in``."""
 
 
 class GuestError(KvmcoalError):
@@ -456,19 +451,20 @@ class Vcpu:
         self.exit_count += 1
         return self._decode_exit()
 
-    def run_loop(self, handler: IoHandler) -> HltExit:
-        """Run the guest until it halts, delivering every access to *handler*.
+    def run_loop(self, write: WriteHandler, read: ReadHandler) -> HltExit:
+        """Run the guest until it halts, delivering every access.
 
-        After **every** KVM_RUN return the VM's ring is drained into
-        ``handler.write`` *before* the exit is handled, so a write that
-        exited, and any read, comes after all the writes the guest made
+        Writes, from the ring and from exits, go to ``write(addr, data, pio)``
+        in guest order; MMIO loads and ``in`` are answered by
+        ``read(addr, size, pio)``.  After **every** KVM_RUN return the VM's
+        ring is drained into *write* *before* the exit is handled, so a write
+        that exited, and any read, comes after all the writes the guest made
         earlier.  Several vCPUs may run their loops on several threads: the
         ring's consumer lock makes each drain deliver its entries exactly
         once, in ring order, and a vCPU's drain waits for one in progress.
         Raises GuestError for an exit it cannot continue from.
         """
         ring = self.vm.ring if self.vm.kvm.coalesced_mmio_page_offset else None
-        write, read = handler.write, handler.read
         while True:
             exit_ = self.run()
             if ring is not None:

@@ -45,7 +45,7 @@ def test_reads_observe_every_earlier_write_in_order(kvm_vm):
     vcpu.setup_real_mode(CODE, segments={"es": MMIO.addr >> 4}, rax=0, rcx=per_round,
                          rsi=rounds, rdi=DATA - MMIO.addr, rbx=RESULTS)
     device = Device()
-    assert vcpu.run_loop(device) == kvm.HltExit()
+    assert vcpu.run_loop(device.write, device.read) == kvm.HltExit()
     assert device.applied == [(DATA, v) for v in range(per_round * rounds)]
     with kvm_vm.memory(RESULTS, 4 * rounds) as results:
         seen = list(results.cast("I"))
@@ -70,7 +70,7 @@ def test_two_vcpus_lose_and_duplicate_nothing(kvm_vm):
 
     def run(vcpu):
         try:
-            vcpu.run_loop(device)
+            vcpu.run_loop(device.write, device.read)
         except BaseException as exc:
             errors.append(exc)
 
@@ -95,7 +95,7 @@ def test_guest_error_is_raised(kvm_vm):
     vcpu = kvm_vm.create_vcpu()
     vcpu.setup_long_mode(CODE)   # no IDT: the #UD becomes a triple fault
     with pytest.raises(kvm.GuestError, match="ShutdownExit") as info:
-        vcpu.run_loop(Device())
+        vcpu.run_loop(Device().write, Device().read)
     assert isinstance(info.value.exit, kvm.ShutdownExit)
 
 
@@ -140,7 +140,7 @@ def test_protected_mode_reaches_mmio_above_1_mib(kvm_vm):
     vcpu = kvm_vm.create_vcpu()
     vcpu.setup_protected_mode(CODE, rax=0x100, rcx=500, rdi=high.addr + 4, rdx=0x3F8)
     device = Device()
-    vcpu.run_loop(device)
+    vcpu.run_loop(device.write, device.read)
     expected = []
     for v in range(0x100, 0x100 + 500):
         expected += [(high.addr + 4, v), (0x3F8, v & 0xFF)]
