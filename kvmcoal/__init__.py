@@ -30,6 +30,7 @@ Entry = _impl.Entry
 Ring = _impl.Ring
 
 from .buffers import BufferForkedError, CoalescedBuffer  # noqa: E402
+from .bus import Bus, BusError, MappingOverlapError, UnmappedAccessError  # noqa: E402
 from .emulated import BUS_DEVICE_LIMIT, BusFullError, EmulatedVm  # noqa: E402
 from .zones import Zone  # noqa: E402
 
@@ -38,6 +39,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BUS_DEVICE_LIMIT",
     "BufferForkedError",
+    "Bus",
+    "BusError",
     "BusFullError",
     "CoalescedBuffer",
     "ENTRY_DTYPE",
@@ -49,8 +52,10 @@ __all__ = [
     "EmulatedVm",
     "Entry",
     "KvmcoalError",
+    "MappingOverlapError",
     "Ring",
     "RingCorruptedError",
+    "UnmappedAccessError",
     "Zone",
     "ring_max",
 ]

@@ -1,0 +1,326 @@
+"""A device bus that knows about coalescing.
+
+Device models keep the convention of unicorn, avatar2 and QEMU:
+``read(offset, size) -> int`` and ``write(offset, size, value)``,
+little-endian, the offset relative to the mapping.  The bus maps them at MMIO
+or port ranges and dispatches accesses.  A mapping made with
+``coalesced=True`` gets a zone in the bus's *producer* (an
+:class:`~kvmcoal.EmulatedVm` or a real :class:`kvmcoal.kvm.Vm`), so guest
+writes there go through a ring; the bus drains those rings into the devices,
+in ring order, before anything could observe them:
+
+- before every read;
+- before any access to a ``flush_on_access`` mapping (the data register of
+  an index/data pair, a UART's status register);
+- before a coalesced write takes the exit path (its ring was full);
+- before a coalesced mapping is unmapped;
+- and, on real KVM, before every exit (:meth:`Bus.run` and
+  ``Vcpu.run_loop(bus.deliver, bus.load)``).
+
+A flush never restarts itself: a device that touches the bus while it is
+being replayed does not start a nested flush (QEMU's flush-in-progress rule),
+and every entry is delivered exactly once.
+
+>>> from kvmcoal import Bus, EmulatedVm
+>>> from kvmcoal.devices import IndexDataPair
+>>> vm = EmulatedVm()
+>>> bus = Bus(vm)
+>>> pci = IndexDataPair({0x80000000: 0x12345678})
+>>> _ = bus.map(pci.index, 0xCF8, 4, pio=True, coalesced=True)
+>>> _ = bus.map(pci.data, 0xCFC, 4, pio=True, flush_on_access=True)
+>>> bus.write(0xCF8, 4, 0x80000000, pio=True)     # coalesced: no exit
+>>> hex(bus.read(0xCFC, 4, pio=True))              # flushes the index first
+'0x12345678'
+>>> vm.close()
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ._ring import Ring
+from .buffers import CoalescedBuffer
+from .errors import KvmcoalError
+from .zones import Zone
+
+__all__ = ["Bus", "BusError", "Device", "Mapping", "MappingOverlapError", "UnmappedAccessError"]
+
+
+class Device(Protocol):
+    """A device model: little-endian accesses at offsets into its mapping."""
+
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class Producer(Protocol):
+    """What the bus needs of an EmulatedVm or a kvm.Vm."""
+
+    def register_coalesced_mmio(self, zone: Zone) -> None: ...
+
+    def unregister_coalesced_mmio(self, zone: Zone) -> None: ...
+
+    @property
+    def ring(self) -> Ring: ...
+
+
+class BusError(KvmcoalError):
+    """Base of the bus's own errors."""
+
+
+class MappingOverlapError(BusError, ValueError):
+    """A new mapping overlaps an existing one; the message names both."""
+
+
+class UnmappedAccessError(BusError, LookupError):
+    """An access hit no mapping (with ``unmapped="raise"``)."""
+
+
+@dataclass(eq=False)
+class Mapping:
+    """One device mapped on the bus."""
+
+    device: Device
+    base: int
+    size: int
+    pio: bool = False
+    coalesced: bool = False
+    flush_on_access: bool = False
+    device_offset: int = 0
+    buffer: CoalescedBuffer | None = None
+    _poller: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def zone(self) -> Zone:
+        return Zone(self.base, self.size, pio=self.pio)
+
+    def contains(self, addr: int, size: int) -> bool:
+        return self.base <= addr and addr + size <= self.base + self.size
+
+    def __str__(self) -> str:
+        kind = "port" if self.pio else "MMIO"
+        return (f"{type(self.device).__name__} at {kind} "
+                f"[{self.base:#x}, {self.base + self.size:#x})")
+
+
+class Bus:
+    """Maps devices at MMIO and port ranges and keeps coalesced writes in order.
+
+    *producer* is an EmulatedVm or a kvm.Vm (or None for a bus without
+    coalescing).  *unmapped* says what an access to nothing does: ``"raise"``
+    (UnmappedAccessError) or ``"ones"`` (reads return all-ones and writes are
+    dropped, like an open bus); either way it is counted in
+    :attr:`unmapped_accesses`.
+    """
+
+    def __init__(self, producer: Producer | None = None, *, unmapped: str = "raise") -> None:
+        if unmapped not in ("raise", "ones"):
+            raise ValueError(f"unmapped must be 'raise' or 'ones', not {unmapped!r}")
+        self.producer = producer
+        self.unmapped = unmapped
+        self.unmapped_accesses = 0
+        self._maps: dict[bool, list[Mapping]] = {False: [], True: []}
+        self._flushing = threading.local()
+        self._stop = threading.Event()
+
+    # -- mapping --
+
+    def map(self, device: Device, base: int, size: int, *, pio: bool = False,
+            coalesced: bool = False, flush_on_access: bool = False, own_buffer: bool = False,
+            device_offset: int = 0) -> Mapping:
+        """Map *device* at ``[base, base + size)``; offsets start at *device_offset*.
+
+        ``coalesced`` registers a zone so writes go through a ring (the
+        producer's VM-wide ring, or with ``own_buffer`` a CoalescedBuffer of
+        the mapping's own, drained by :meth:`start_pollers` or
+        :meth:`poll_async` as writes arrive, for doorbell-style devices).
+        """
+        if not (callable(getattr(device, "read", None)) and callable(getattr(device, "write", None))):
+            raise TypeError(f"{type(device).__name__} is not a device: it needs read(offset, size) "
+                            f"and write(offset, size, value) (see kvmcoal.devices.adapters)")
+        mapping = Mapping(device, base, size, bool(pio), bool(coalesced),
+                          bool(flush_on_access), device_offset)
+        zone = mapping.zone   # validates base and size
+        if size == 0:
+            raise ValueError("a mapping needs a size of at least 1")
+        for other in self._maps[mapping.pio]:
+            if other.base < base + size and base < other.base + other.size:
+                raise MappingOverlapError(f"{mapping} overlaps {other}")
+        if own_buffer and not coalesced:
+            raise ValueError("own_buffer needs coalesced=True")
+        if coalesced:
+            producer = self._need_producer()
+            if own_buffer:
+                create = getattr(producer, "create_coalesced_buffer", None)
+                if create is None:
+                    raise BusError(f"{type(producer).__name__} has no per-device buffers "
+                                   f"(the v2 API); use an EmulatedVm")
+                mapping.buffer = create()
+                producer.register_coalesced_mmio2(zone, mapping.buffer)  # type: ignore[attr-defined]
+            else:
+                producer.register_coalesced_mmio(zone)
+        self._maps[mapping.pio].append(mapping)
+        return mapping
+
+    def unmap(self, mapping: Mapping) -> None:
+        """Remove *mapping*, first delivering every write still pending for it."""
+        if mapping not in self._maps[mapping.pio]:
+            raise BusError(f"{mapping} is not mapped on this bus")
+        if mapping.coalesced:
+            self.flush()
+            producer = self._need_producer()
+            if mapping.buffer is not None:
+                self._drain_buffer(mapping)
+                producer.unregister_coalesced_mmio2(mapping.zone, mapping.buffer)  # type: ignore[attr-defined]
+                mapping.buffer.close()
+                if mapping._poller is not None:
+                    mapping._poller.join(5)
+            else:
+                producer.unregister_coalesced_mmio(mapping.zone)
+        self._maps[mapping.pio].remove(mapping)
+
+    def find(self, addr: int, size: int = 1, *, pio: bool = False) -> Mapping | None:
+        """The mapping that holds ``[addr, addr + size)``, or None."""
+        for mapping in self._maps[bool(pio)]:
+            if mapping.contains(addr, size):
+                return mapping
+        return None
+
+    @property
+    def mappings(self) -> list[Mapping]:
+        return self._maps[False] + self._maps[True]
+
+    # -- accesses from the CPU side --
+
+    def read(self, addr: int, size: int, *, pio: bool = False) -> int:
+        """A load: flushes pending coalesced writes, then reads the device."""
+        self.flush()
+        mapping = self.find(addr, size, pio=pio)
+        if mapping is None:
+            return self._unmapped(addr, size, pio, "read")
+        return mapping.device.read(addr - mapping.base + mapping.device_offset, size)
+
+    def write(self, addr: int, size: int, value: int, *, pio: bool = False) -> None:
+        """A store: coalesced where the mapping is, else delivered now (in order)."""
+        mapping = self.find(addr, size, pio=pio)
+        if mapping is None:
+            self._unmapped(addr, size, pio, "write")
+            return
+        if mapping.flush_on_access:
+            self.flush()
+        if mapping.coalesced:
+            write = getattr(self.producer, "write", None)
+            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            if write is not None and write(addr, data, pio=pio):
+                return
+            self.flush()   # refused (ring full): the exit path, after what is queued
+        mapping.device.write(addr - mapping.base + mapping.device_offset, size, value)
+
+    # -- the consumer side --
+
+    def deliver(self, addr: int, data: bytes, pio: bool) -> None:
+        """Deliver one write as it comes from a ring or an exit (a Ring.consume handler)."""
+        mapping = self.find(addr, len(data), pio=pio)
+        if mapping is None:
+            self._unmapped(addr, len(data), pio, "write")
+            return
+        mapping.device.write(addr - mapping.base + mapping.device_offset, len(data),
+                             int.from_bytes(data, "little"))
+
+    def load(self, addr: int, size: int, pio: bool) -> int:
+        """Answer a guest load or ``in`` (the run loop's read handler)."""
+        return self.read(addr, size, pio=pio)
+
+    def flush(self) -> int:
+        """Deliver every pending coalesced write to its device, in ring order.
+
+        Returns how many were delivered.  A flush called while one is in
+        progress on this thread (a device touching the bus during replay)
+        returns 0 at once; the outer flush delivers the rest in order.
+        """
+        if self.producer is None or getattr(self._flushing, "active", False):
+            return 0
+        self._flushing.active = True
+        try:
+            delivered = 0
+            ring = self.producer.ring
+            while True:   # writes made during the replay are flushed too
+                n = ring.consume(self.deliver)
+                for mapping in self.mappings:
+                    if mapping.buffer is not None:   # a running poller may race us: both
+                        n += self._drain_buffer(mapping)   # consume under the ring's lock
+                if not n:
+                    return delivered
+                delivered += n
+        finally:
+            self._flushing.active = False
+
+    def _drain_buffer(self, mapping: Mapping) -> int:
+        assert mapping.buffer is not None
+        if mapping.buffer.closed:
+            return 0
+        return mapping.buffer.ring.consume(self.deliver)
+
+    def run(self, vcpu: Any) -> Any:
+        """Run a kvm.Vcpu to HLT with this bus as its devices (flushing before every exit)."""
+        return vcpu.run_loop(self.deliver, self.load)
+
+    # -- pollers for own-buffer mappings --
+
+    def start_pollers(self) -> None:
+        """Start a thread per own-buffer mapping that delivers its writes as they arrive."""
+        for mapping in self.mappings:
+            if mapping.buffer is not None and mapping._poller is None:
+                mapping._poller = threading.Thread(target=self._poll, args=(mapping,),
+                                                   name=f"kvmcoal-poller {mapping}", daemon=True)
+                mapping._poller.start()
+
+    def _poll(self, mapping: Mapping) -> None:
+        buf = mapping.buffer
+        assert buf is not None
+        while not self._stop.is_set() and not buf.closed:
+            try:
+                if buf.wait(0.1):
+                    buf.ring.consume(self.deliver)
+            except ValueError:   # closed under us by unmap/close
+                return
+
+    async def poll_async(self, mapping: Mapping) -> None:
+        """An asyncio task body delivering *mapping*'s own-buffer writes as they arrive."""
+        if mapping.buffer is None:
+            raise BusError(f"{mapping} has no buffer of its own")
+        async for batch in mapping.buffer:
+            for entry in batch:
+                self.deliver(entry.phys_addr, entry.data, entry.pio)
+
+    def close(self) -> None:
+        """Flush, stop the pollers, unmap everything."""
+        self.flush()
+        self._stop.set()
+        for mapping in list(self.mappings):
+            self.unmap(mapping)
+
+    def __enter__(self) -> Bus:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- helpers --
+
+    def _need_producer(self) -> Producer:
+        if self.producer is None:
+            raise BusError("coalesced mappings need a producer: Bus(EmulatedVm()) or "
+                           "Bus(kvm_vm)")
+        return self.producer
+
+    def _unmapped(self, addr: int, size: int, pio: bool, what: str) -> int:
+        self.unmapped_accesses += 1
+        if self.unmapped == "raise":
+            kind = "port" if pio else "MMIO"
+            raise UnmappedAccessError(f"{what} of {size} bytes at {kind} {addr:#x}: "
+                                      f"no device is mapped there")
+        return (1 << (8 * size)) - 1

@@ -1,0 +1,234 @@
+"""The Bus: dispatch, coalescing-aware flushing, adapters and example devices."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kvmcoal import Bus, EmulatedVm, MappingOverlapError, UnmappedAccessError, Zone
+from kvmcoal.devices import (Avatar2Peripheral, Doorbell, Framebuffer, FunctionDevice,
+                             IndexDataPair, Uart16550, UnicornMmio)
+
+from .conftest import load_guest
+
+
+@pytest.fixture
+def vm():
+    with EmulatedVm() as machine:
+        yield machine
+
+
+class Recorder:
+    def __init__(self):
+        self.writes = []
+
+    def read(self, offset, size):
+        return len(self.writes)
+
+    def write(self, offset, size, value):
+        self.writes.append((offset, size, value))
+
+
+def map_uart(bus, uart, base=0x3F8):
+    bus.map(uart, base, 1, pio=True, coalesced=True)
+    bus.map(uart, base + 1, 7, pio=True, flush_on_access=True, device_offset=1)
+
+
+def map_pci(bus, pair):
+    bus.map(pair.index, 0xCF8, 4, pio=True, coalesced=True)
+    bus.map(pair.data, 0xCFC, 4, pio=True, flush_on_access=True)
+
+
+def test_index_data_pair_sees_the_last_index(vm):
+    bus = Bus(vm)
+    pair = IndexDataPair({i: i * 3 for i in range(1000)})
+    map_pci(bus, pair)
+    for i in range(400):                     # more than a ring: full-ring fallbacks
+        bus.write(0xCF8, 4, i, pio=True)
+    assert pair.current < 399                # most of it still sits in the ring
+    assert bus.read(0xCFC, 4, pio=True) == 399 * 3
+    bus.write(0xCF8, 4, 7, pio=True)
+    bus.write(0xCFC, 4, 0xABC, pio=True)     # a data write flushes the index too
+    assert pair.registers[7] == 0xABC
+
+
+def test_uart_output_is_byte_exact(vm):
+    bus = Bus(vm)
+    uart = Uart16550()
+    map_uart(bus, uart)
+    text = bytes(range(256)) * 4 + b"kvmcoal\n"
+    for i, ch in enumerate(text):
+        bus.write(0x3F8, 1, ch, pio=True)
+        if i % 300 == 0:
+            assert bus.read(0x3FD, 1, pio=True) == Uart16550.LSR_EMPTY   # LSR read flushes
+            assert bytes(uart.output) == text[:i + 1]
+    bus.flush()
+    assert bytes(uart.output) == text
+
+
+def test_framebuffer_and_flush_counts(vm):
+    bus = Bus(vm)
+    fb = Framebuffer(0x1000)
+    bus.map(fb, 0xE0000000, 0x1000, coalesced=True)
+    for i in range(0, 0x1000, 4):
+        bus.write(0xE0000000 + i, 4, i, pio=False)
+    assert bus.read(0xE0000000 + 0x10, 4) == 0x10     # the read flushed everything
+    assert fb.writes == 0x400 and fb.memory[0xFFC:] == (0xFFC).to_bytes(4, "little")
+    assert bus.flush() == 0
+
+
+def test_reentrant_device_does_not_restart_the_flush(vm):
+    bus = Bus(vm)
+    seen = []
+
+    class Nosy:
+        def read(self, offset, size):
+            return 0
+
+        def write(self, offset, size, value):
+            seen.append(value)
+            bus.read(0x2000, 4)          # reads flush: must not recurse into the flush
+            if value == 5:
+                bus.write(0x1000, 4, 1000)   # a write during replay is queued, in order
+
+    bus.map(Nosy(), 0x1000, 4, coalesced=True)
+    bus.map(Recorder(), 0x2000, 4)
+    for v in range(10):
+        bus.write(0x1000, 4, v)
+    bus.flush()
+    assert seen == list(range(10)) + [1000]
+
+
+def test_overlaps_unmapped_and_unmap(vm):
+    bus = Bus(vm)
+    rec = Recorder()
+    bus.map(rec, 0x1000, 0x100, coalesced=True)
+    with pytest.raises(MappingOverlapError, match=r"Recorder at MMIO \[0x10f0.*Recorder at MMIO \[0x1000"):
+        bus.map(Recorder(), 0x10F0, 0x20)
+    bus.map(Recorder(), 0x10F0, 0x20, pio=True)           # the port space is separate
+    with pytest.raises(UnmappedAccessError, match="0x5000"):
+        bus.read(0x5000, 4)
+    with pytest.raises(UnmappedAccessError):
+        bus.write(0x5000, 4, 1)
+    assert bus.unmapped_accesses == 2
+    open_bus = Bus(unmapped="ones")
+    assert open_bus.read(0x5000, 2) == 0xFFFF
+    open_bus.write(0x5000, 2, 1)
+    assert open_bus.unmapped_accesses == 2
+    for v in range(5):
+        bus.write(0x1000 + v, 1, v)
+    assert rec.writes == []                                  # all still in the ring
+    bus.unmap(bus.find(0x1000))
+    assert rec.writes == [(v, 1, v) for v in range(5)]       # delivered before unmapping
+    assert vm.write(0x1000, b"x") is False                   # and the zone is gone
+    with pytest.raises(ValueError, match="must be 'raise' or 'ones'"):
+        Bus(unmapped="zero")
+    with pytest.raises(TypeError, match="not a device"):
+        bus.map(object(), 0x9000, 4)
+
+
+def test_adapters_plug_existing_models_in_unchanged(vm):
+    bus = Bus(vm)
+    log = []
+    bus.map(FunctionDevice(read=lambda off, size: 0x40 + off,
+                           write=lambda off, size, val: log.append(("fn", off, val))),
+            0x1000, 0x10, coalesced=True)
+
+    def uc_read(uc, offset, size, user_data):
+        return user_data + offset
+
+    def uc_write(uc, offset, size, value, user_data):
+        log.append((user_data, offset, value))
+
+    bus.map(UnicornMmio(uc_read, 0x100, uc_write, "uc"), 0x2000, 0x10, coalesced=True)
+
+    class Peripheral:   # avatar2's AvatarPeripheral interface
+        def hw_read(self, offset, size):
+            return 0x77
+
+        def hw_write(self, offset, size, value):
+            log.append(("avatar2", offset, value))
+            return True
+
+    bus.map(Avatar2Peripheral(Peripheral()), 0x3000, 0x10)
+    bus.write(0x1004, 4, 1)
+    bus.write(0x2008, 2, 2)
+    bus.write(0x3000, 1, 3)    # not coalesced: delivered at once...
+    assert log == [("avatar2", 0, 3)]
+    assert bus.read(0x1002, 1) == 0x42 and bus.read(0x2001, 1) == 0x101
+    assert bus.read(0x3000, 1) == 0x77
+    assert log == [("avatar2", 0, 3), ("fn", 4, 1), ("uc", 8, 2)]   # ...the others at the read
+    with pytest.raises(TypeError, match="hw_read"):
+        Avatar2Peripheral(object())
+
+
+def test_doorbell_on_its_own_buffer_with_a_poller(vm):
+    bus = Bus(vm)
+    bell = Doorbell()
+    mapping = bus.map(bell, 0xFE000000, 4, coalesced=True, own_buffer=True)
+    assert mapping.buffer is not None
+    bus.start_pollers()
+    for v in range(1, 501):
+        bus.write(0xFE000000, 4, v)
+    deadline = 100
+    while len(bell.rings) < 500 and deadline:
+        bell.event.wait(0.1)
+        bell.event.clear()
+        deadline -= 1
+    assert bell.rings == list(range(1, 501))   # delivered by the poller, in order, once
+    assert len(vm.ring) == 0                   # the VM-wide ring was not involved
+    bus.close()
+
+
+def test_doorbell_with_asyncio(vm):
+    bus = Bus(vm)
+    bell = Doorbell()
+    mapping = bus.map(bell, 0xFE000000, 4, coalesced=True, own_buffer=True)
+
+    async def main():
+        task = asyncio.create_task(bus.poll_async(mapping))
+        for v in range(10):
+            bus.write(0xFE000000, 4, v)
+            await asyncio.sleep(0)
+        while len(bell.rings) < 10:
+            await asyncio.sleep(0.001)
+        task.cancel()
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+    assert bell.rings == list(range(10))
+
+
+# -- the same devices behind a real guest --
+
+def test_real_guest_drives_uart_and_framebuffer(kvm_vm):
+    load_guest(kvm_vm, "store_loop")
+    bus = Bus(kvm_vm)
+    uart, fb = Uart16550(), Framebuffer(0x100)
+    map_uart(bus, uart)
+    bus.map(fb, 0xD0000, 0x100, coalesced=True)
+    vcpu = kvm_vm.create_vcpu()
+    iterations = 1000                      # 3000 writes: many ring-full fallbacks
+    vcpu.setup_real_mode(0x1000, segments={"es": 0xD000}, rax=0, rcx=iterations, rdi=0x10,
+                         rdx=0x3F8)
+    bus.run(vcpu)
+    assert bytes(uart.output) == bytes(v & 0xFF for v in range(iterations))
+    assert fb.read(0x10, 4) == iterations - 1 and fb.read(0x18, 2) == iterations - 1
+    assert fb.writes == 2 * iterations
+
+
+def test_real_guest_index_data_pair(kvm_vm):
+    load_guest(kvm_vm, "ordering")
+    bus = Bus(kvm_vm)
+    pair = IndexDataPair({i: i * 3 for i in range(2000)})
+    bus.map(pair.index, 0xD0010, 4, coalesced=True)
+    bus.map(pair.data, 0xD0018, 4, flush_on_access=True)
+    vcpu = kvm_vm.create_vcpu()
+    per_round, rounds = 300, 4
+    vcpu.setup_real_mode(0x1000, segments={"es": 0xD000}, rax=0, rcx=per_round, rsi=rounds,
+                         rdi=0x10, rbx=0x4000)
+    bus.run(vcpu)
+    with kvm_vm.memory(0x4000, 4 * rounds) as results:
+        seen = list(results.cast("I"))
+    assert seen == [3 * (per_round * (r + 1) - 1) for r in range(rounds)]
+    assert Zone(0xD0010, 4) in [m.zone for m in bus.mappings]
