@@ -17,7 +17,7 @@ from pathlib import Path
 
 __all__ = ["NAMES", "load", "assemble", "source_dir"]
 
-NAMES = ("store_loop", "selftest", "ordering", "flat32")
+NAMES = ("store_loop", "selftest", "ordering", "flat32", "demo")
 
 
 def source_dir() -> Path:
