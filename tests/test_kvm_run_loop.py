@@ -145,3 +145,28 @@ def test_protected_mode_reaches_mmio_above_1_mib(kvm_vm):
     for v in range(0x100, 0x100 + 500):
         expected += [(high.addr + 4, v), (0x3F8, v & 0xFF)]
     assert device.applied == expected
+
+
+def test_nothing_leaks_fds_or_mappings():
+    if not kvm.available():
+        pytest.skip(f"/dev/kvm is not usable here: {kvm.why_unavailable()}")
+
+    def counts():
+        with open("/proc/self/maps") as maps:
+            return len(os.listdir("/proc/self/fd")), sum(1 for _ in maps)
+
+    def cycle():
+        with kvm.Kvm() as k, k.create_vm() as vm:
+            load_guest(vm, "store_loop", CODE)
+            vm.register_coalesced_mmio(MMIO)
+            vcpu = vm.create_vcpu()
+            vcpu.setup_real_mode(CODE, segments={"es": MMIO.addr >> 4}, rcx=10, rdx=0x400)
+            device = Device()
+            vcpu.run_loop(device.write, device.read)
+            assert len(vm.ring) == 0
+
+    cycle()
+    before = counts()
+    for _ in range(50):
+        cycle()
+    assert counts() == before
