@@ -1,0 +1,385 @@
+"""The real-KVM workload shared by ``test_kvm_vmm.py`` and ``report_kvm.py``.
+
+One guest, ``kvmcoal/guests/store_loop.S``: 16-bit real mode, each
+iteration a 4-byte MMIO store to 0xd0010, a 2-byte MMIO store to 0xd0018
+and a 1-byte ``out`` to port 0x400 (values counting up), then ``hlt``.  It
+runs four ways, each time in a fresh VM set up as ``kvmcoal demo`` does
+(64 KiB at GPA 0, the guest at 0x1000, es = 0xd000, ecx = iterations):
+
+* the Python VMM, ``Vcpu.run_loop`` delivering to a :class:`CheckingDevice`,
+  with the MMIO page and the port registered as coalesced zones, or with no
+  zone (then every store exits to userspace);
+* ``benchmarks/cvmm.c``, a small C VMM doing the same: same setup, same
+  zones, the same loop (drain the ring after every KVM_RUN, then dispatch
+  the exit) and a handler doing the same check-and-count.  It runs as one
+  long-lived process (``--serve``), as the Python VMM does, because the
+  first run of a freshly started process is often markedly slower here.
+
+Only the run is timed, from just before the first KVM_RUN to the HLT exit:
+Python with ``time.perf_counter`` around ``run_loop``; C with
+``CLOCK_MONOTONIC`` inside the C program (``measure()``), or from here, from
+"go" to its result line (``run()``, for pytest-benchmark).  Setting the VM
+up, tearing it down and building the expected stream are not timed.  Every
+run checks that each store arrived exactly once, in guest order.
+
+The C VMM is built with ``gcc -O2`` on first use into ``benchmarks/build/``
+(git-ignored), named by a hash of its source and flags so that an edit
+rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kvmcoal import Zone, guests, kvm
+
+MMIO_BASE = 0xD0000
+MMIO_REG = MMIO_BASE + 0x10
+PORT = 0x400
+CODE_ADDR = 0x1000
+MEMORY_SIZE = 0x10000
+STORES_PER_ITERATION = 3
+
+DEFAULT_STORES = 100_000
+SMOKE_STORES = 3_000
+
+HERE = Path(__file__).resolve().parent
+CVMM_SOURCE = HERE / "cvmm.c"
+BUILD_DIR = HERE / "build"
+GUEST_BIN = guests.source_dir() / "store_loop.bin"
+CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror"]
+
+
+def iterations_for(stores: int) -> int:
+    """Guest loop iterations for about *stores* stores (three per iteration)."""
+    return max(1, round(stores / STORES_PER_ITERATION))
+
+
+def expected_writes(iterations: int) -> list[tuple[int, bytes, bool]]:
+    """Every ``(addr, data, pio)`` the guest writes, in order, as ``write`` receives them."""
+    out = []
+    for v in range(iterations):
+        out.append((MMIO_REG, (v & 0xFFFFFFFF).to_bytes(4, "little"), False))
+        out.append((MMIO_REG + 8, (v & 0xFFFF).to_bytes(2, "little"), False))
+        out.append((PORT, (v & 0xFF).to_bytes(1, "little"), True))
+    return out
+
+
+class CheckingDevice:
+    """The benchmark's IoHandler: each write must be the next one expected; count it."""
+
+    def __init__(self, expected: list[tuple[int, bytes, bool]]) -> None:
+        self._expected = iter(expected)
+        self.count = 0
+
+    def write(self, addr: int, data: bytes, pio: bool) -> None:
+        if (addr, data, pio) != next(self._expected, None):
+            raise AssertionError(f"write {self.count} out of order: {data!r} to "
+                                 f"{'port' if pio else 'MMIO'} {addr:#x}")
+        self.count += 1
+
+    def read(self, addr: int, size: int, pio: bool) -> int:
+        raise AssertionError(f"store_loop never reads, but read {addr:#x}")
+
+    def check_complete(self) -> None:
+        if next(self._expected, None) is not None:
+            raise AssertionError(f"only {self.count} writes arrived: the rest went missing")
+
+
+# kvmcoal's run loop took one IoHandler object (``run_loop(handler)``) and, since
+# 6d75e64, takes the two callables (``run_loop(write, read)``); either works here.
+_RUN_LOOP_TAKES_HANDLER = "handler" in inspect.signature(kvm.Vcpu.run_loop).parameters
+
+
+def run_loop(vcpu: kvm.Vcpu, device: CheckingDevice) -> None:
+    """``vcpu.run_loop`` delivering to *device*'s ``write`` and ``read``."""
+    if _RUN_LOOP_TAKES_HANDLER:
+        vcpu.run_loop(device)
+    else:
+        vcpu.run_loop(device.write, device.read)
+
+
+def kvm_unavailable() -> str | None:
+    """Why the real-KVM benchmarks cannot run here, or None."""
+    return kvm.why_unavailable()
+
+
+# ---------------------------------------------------------------------------
+# One way of running the guest: prepare (untimed), run (timed), finish (checked)
+
+
+class GuestRun:
+    """Runs of the guest one way, each ``prepare()``, ``run()``, ``finish()``.
+
+    ``prepare`` sets up a fresh VM (untimed); ``run`` is the timed part and
+    returns its seconds; ``finish`` checks that every store arrived once, in
+    order, records the run's figures in ``last`` and counts it in ``runs``.
+    ``next_round`` finishes a pending run, then prepares: pytest-benchmark's
+    ``setup``, so every timed round is checked.  ``measure`` does one run.
+    """
+
+    label = ""
+
+    def __init__(self, stores: int, coalesced: bool) -> None:
+        self.iterations = iterations_for(stores)
+        self.stores = STORES_PER_ITERATION * self.iterations
+        self.coalesced = coalesced
+        self.runs = 0
+        self.last: dict[str, Any] | None = None
+        self._seconds: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}_{'coalesced' if self.coalesced else 'uncoalesced'}"
+
+    def prepare(self) -> None:
+        raise NotImplementedError
+
+    def run(self) -> float:
+        raise NotImplementedError
+
+    def finish(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def next_round(self) -> None:
+        if self._seconds is not None:
+            self.finish()
+        self.prepare()
+
+    def measure(self) -> dict[str, Any]:
+        self.prepare()
+        self.run()
+        return self.finish()
+
+    def _record(self, exits: int | None, seconds: float, **more: Any) -> dict[str, Any]:
+        self.runs += 1
+        self._seconds = None
+        self.last = {"stores": self.stores, "exits": exits, "seconds": seconds,
+                     "stores_per_s": self.stores / seconds,
+                     "ns_per_store": seconds / self.stores * 1e9, **more}
+        return self.last
+
+    def __enter__(self) -> GuestRun:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class PythonRun(GuestRun):
+    """The Python VMM: ``Vcpu.run_loop`` delivering to a :class:`CheckingDevice`."""
+
+    label = "python"
+
+    def __init__(self, stores: int, coalesced: bool) -> None:
+        super().__init__(stores, coalesced)
+        self._expected = expected_writes(self.iterations)
+        self._kvm: kvm.Kvm | None = None
+        self._vm: kvm.Vm | None = None
+        self._vcpu: kvm.Vcpu | None = None
+        self._device: CheckingDevice | None = None
+
+    def prepare(self) -> None:
+        """A fresh VM with the guest loaded and the registers set, as ``kvmcoal demo`` does."""
+        self.close()
+        self._kvm = k = kvm.Kvm()
+        self._vm = vm = k.create_vm()
+        memory = vm.add_memory(0, MEMORY_SIZE)
+        code = guests.load("store_loop")
+        memory[CODE_ADDR:CODE_ADDR + len(code)] = code
+        self._vcpu = vcpu = vm.create_vcpu()
+        if self.coalesced:
+            vm.register_coalesced_mmio(Zone(MMIO_BASE, 0x1000))
+            if k.has_coalesced_pio:
+                vm.register_coalesced_mmio(Zone(PORT, 1, pio=True))
+        vcpu.setup_real_mode(CODE_ADDR, segments={"es": MMIO_BASE >> 4}, rax=0,
+                             rcx=self.iterations, rdi=MMIO_REG - MMIO_BASE, rdx=PORT)
+        _ = vm.ring   # mapped now rather than in the timed run_loop
+        self._device = CheckingDevice(self._expected)
+
+    def run(self) -> float:
+        """The timed part: ``run_loop`` until HLT."""
+        assert self._vcpu is not None and self._device is not None, "prepare() first"
+        start = time.perf_counter()
+        run_loop(self._vcpu, self._device)
+        self._seconds = time.perf_counter() - start
+        return self._seconds
+
+    def finish(self) -> dict[str, Any]:
+        assert self._vcpu is not None and self._device is not None and self._seconds is not None
+        self._device.check_complete()
+        assert self._device.count == self.stores
+        exits = getattr(self._vcpu, "exit_count", None)   # KVM_RUN returns
+        self.close()
+        return self._record(exits, self._seconds)
+
+    def close(self) -> None:
+        for res in (self._vm, self._kvm):
+            if res is not None:
+                res.close()
+        self._kvm = self._vm = self._vcpu = self._device = None
+
+
+# ---------------------------------------------------------------------------
+# The C VMM
+
+
+class CvmmUnavailable(RuntimeError):
+    """The C VMM cannot be built here (no gcc); the message says why."""
+
+
+def build_cvmm() -> Path:
+    """``benchmarks/build/cvmm-HASH``, compiled with gcc -O2 unless it is there already."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise CvmmUnavailable("gcc is not installed, so the C VMM (benchmarks/cvmm.c) "
+                              "cannot be built; install gcc to compare against it")
+    source = CVMM_SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    binary = BUILD_DIR / f"cvmm-{tag}"
+    if binary.exists():
+        return binary
+    BUILD_DIR.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=BUILD_DIR) as tmp:
+        out = Path(tmp) / "cvmm"
+        proc = subprocess.run([gcc, *CFLAGS, "-o", str(out), str(CVMM_SOURCE)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"gcc failed to build {CVMM_SOURCE}:\n{proc.stderr}")
+        os.replace(out, binary)   # atomic: a concurrent build never runs half a file
+    return binary
+
+
+def _parse(line: str) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"cvmm printed no result: {line!r}") from None
+
+
+def run_cvmm_once(stores: int, coalesced: bool, binary: Path | None = None) -> dict[str, Any]:
+    """``cvmm GUEST N [--coalesce]``: one run in a fresh process; its JSON and exit status."""
+    cmd = [str(binary or build_cvmm()), str(GUEST_BIN), str(iterations_for(stores)),
+           *(["--coalesce"] if coalesced else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return {**_parse(proc.stdout), "returncode": proc.returncode, "stderr": proc.stderr}
+
+
+class CvmmServer:
+    """A long-lived ``cvmm GUEST --serve``: many runs, each in a fresh VM, like a Python VMM.
+
+    ``prepare(iterations, coalesced)`` has it set a VM up; ``go()`` runs it
+    and returns the result line and the seconds from sending "go" to
+    reading the line.  ``close()`` ends it and checks its exit status.
+    """
+
+    def __init__(self, binary: Path | None = None) -> None:
+        self.binary = binary or build_cvmm()
+        self._proc: subprocess.Popen | None = None
+
+    def _pipes(self):
+        if self._proc is None:
+            self._proc = subprocess.Popen([str(self.binary), str(GUEST_BIN), "--serve"],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          text=True)
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        return self._proc.stdin, self._proc.stdout
+
+    def prepare(self, iterations: int, coalesced: bool) -> None:
+        stdin, stdout = self._pipes()
+        stdin.write(f"prepare {iterations} {int(coalesced)}\n")
+        stdin.flush()
+        ready = stdout.readline()
+        if ready != "ready\n":
+            raise RuntimeError(f"cvmm did not get ready: {ready!r}")
+
+    def go(self) -> tuple[dict, float]:
+        stdin, stdout = self._pipes()
+        start = time.perf_counter()
+        stdin.write("go\n")
+        stdin.flush()
+        line = stdout.readline()
+        return _parse(line), time.perf_counter() - start
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.close()
+        try:
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        if rc != 0:
+            raise AssertionError(f"cvmm --serve exited {rc}: a run went wrong")
+
+    def __enter__(self) -> CvmmServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class CRun(GuestRun):
+    """The C VMM, ``cvmm``: the same guest, setup, loop and checks, in a long-lived process.
+
+    ``prepare`` has the server set up a VM; ``run`` tells it to go and reads
+    its result, timed from here (so that, like PythonRun.run, it can be
+    handed to pytest-benchmark); ``finish`` checks the result.  ``measure``
+    does the three and takes the time the C program measured itself
+    (``c_seconds`` in the figures either way).  Without a *server* the run
+    starts, and closes, its own.
+    """
+
+    label = "c"
+
+    def __init__(self, stores: int, coalesced: bool, server: CvmmServer | None = None) -> None:
+        super().__init__(stores, coalesced)
+        self._own_server = server is None
+        self.server = server or CvmmServer()
+        self._result: dict | None = None
+
+    def prepare(self) -> None:
+        self._result = None
+        self.server.prepare(self.iterations, self.coalesced)
+
+    def run(self) -> float:
+        """The timed part: let the prepared VMM go and read its result."""
+        self._result, self._seconds = self.server.go()
+        return self._seconds
+
+    def finish(self) -> dict[str, Any]:
+        result, seconds = self._result, self._seconds
+        assert result is not None and seconds is not None, "run() first"
+        self._result = None
+        if result.get("ok") is not True:
+            raise AssertionError(f"cvmm: not every store arrived once, in order ({result})")
+        assert result["stores"] == self.stores and result["coalesced"] == self.coalesced
+        return self._record(result["exits"], seconds, c_seconds=result["seconds"])
+
+    def measure(self) -> dict[str, Any]:
+        """One run, timed by the C program itself."""
+        self.prepare()
+        self.run()
+        self._seconds = self._result["seconds"] if self._result else None
+        return self.finish()
+
+    def close(self) -> None:
+        if self._own_server:
+            self.server.close()
