@@ -30,7 +30,6 @@ handler <= 1.5x a plain Python loop calling the same handler.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 
@@ -41,12 +40,14 @@ import kvmcoal
 if __package__:
     from . import baselines
     from .reporting import (
+        report_parser,
         RATIO_HEAD, emit, environment, headline, is_met, noop, ratio_columns, spread, table,
         time_blocks, timing_figures)
     from .workload import FullRing, empty_handler
 else:  # run as a script: python benchmarks/report.py
     import baselines
     from reporting import (
+        report_parser,
         RATIO_HEAD, emit, environment, headline, is_met, noop, ratio_columns, spread, table,
         time_blocks, timing_figures)
     from workload import FullRing, empty_handler
@@ -203,14 +204,11 @@ def _ratio_row(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser = report_parser(__doc__)
     parser.add_argument("--repeat", type=int, default=10000,
                         help="timings per method, one full ring each (default 10000)")
     parser.add_argument("--blocks", type=int, default=20,
                         help="interleaved passes the repeats are spread over (default 20)")
-    parser.add_argument("--check", action="store_true",
-                        help="exit with status 1 if a target is missed")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.blocks < 1:
         parser.error("--repeat and --blocks must be positive")

@@ -50,11 +50,13 @@ import time
 if __package__:
     from . import buffers_workload as bw
     from .reporting import (
+        report_parser,
         RATIO_HEAD, emit, environment, headline, is_met, noop, ratio_columns, rotated, spread,
         table, time_blocks, timing_figures)
 else:  # run as a script: python benchmarks/report_buffers.py
     import buffers_workload as bw
     from reporting import (
+        report_parser,
         RATIO_HEAD, emit, environment, headline, is_met, noop, ratio_columns, rotated, spread,
         table, time_blocks, timing_figures)
 
@@ -261,10 +263,7 @@ def format_table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument("--check", action="store_true",
-                        help="exit with status 1 if a target is missed")
+    parser = report_parser(__doc__)
     parser.add_argument("--repeat", type=int, default=2000,
                         help="producer timings per method, one batch each (default 2000)")
     parser.add_argument("--round-trips", type=int, default=2000,

@@ -51,10 +51,12 @@ import kvmcoal
 if __package__:
     from . import kvm_workload as kw
     from .reporting import (
+        report_parser,
         RATIO_HEAD, emit, environment, headline, is_met, ratio_columns, rotated, spread, table)
 else:  # run as a script: python benchmarks/report_kvm.py
     import kvm_workload as kw
     from reporting import (
+        report_parser,
         RATIO_HEAD, emit, environment, headline, is_met, ratio_columns, rotated, spread, table)
 
 LABELS = {
@@ -171,10 +173,7 @@ def format_table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument("--check", action="store_true",
-                        help="exit with status 1 if a target is missed")
+    parser = report_parser(__doc__)
     parser.add_argument("--stores", type=int, default=kw.DEFAULT_STORES,
                         help=f"guest stores per run, rounded to whole iterations of three "
                              f"(default {kw.DEFAULT_STORES:,})")

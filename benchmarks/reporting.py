@@ -135,6 +135,15 @@ def table(head: str, rows: Iterable[str]) -> list[str]:
     return [head, "-" * len(head), *rows]
 
 
+def report_parser(doc: str) -> argparse.ArgumentParser:
+    """The argument parser every report starts from: --json and --check."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--check", action="store_true",
+                        help="exit with status 1 if a target is missed")
+    return parser
+
+
 def emit(report: dict, args: argparse.Namespace,
          format_table: Callable[[dict], str]) -> int:
     """Print *report* as a table (or JSON with ``--json``); the exit status.
