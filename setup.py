@@ -14,7 +14,8 @@ extra_link_args = []
 # KVMCOAL_SANITIZE=address,undefined builds an instrumented extension for CI.
 sanitize = os.environ.get("KVMCOAL_SANITIZE")
 if sanitize:
-    flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
+    flags = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
+             "-g"]
     extra_compile_args += flags
     extra_link_args += flags
 

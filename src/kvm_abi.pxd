@@ -57,7 +57,7 @@ cdef extern from "<linux/kvm.h>" nogil:
         kvm_segment cs, ds, es, fs, gs, ss, tr, ldt
         kvm_dtable gdt, idt
         uint64_t cr0, cr2, cr3, cr4, cr8, efer, apic_base
-        uint64_t interrupt_bitmap[4]
+        unsigned long long interrupt_bitmap[4]   # __u64, as the header spells it
 
 # The sizes the declarations above rely on, checked against the header.
 cdef extern from *:
