@@ -107,7 +107,12 @@ class CoalescedBuffer:
         except BaseException:
             os.close(memfd)
             raise
-        self._open(memfd, efd, ring_nbytes, initialize=True)
+        try:
+            self._open(memfd, efd, ring_nbytes, initialize=True)
+        except BaseException:
+            os.close(memfd)
+            os.close(efd)
+            raise
 
     @classmethod
     def attach(cls, memfd: int, eventfd: int) -> CoalescedBuffer:
@@ -157,23 +162,20 @@ class CoalescedBuffer:
         return ring_nbytes
 
     def _open(self, memfd: int, efd: int, ring_nbytes: int, *, initialize: bool) -> None:
-        total = _memfd_size(ring_nbytes)
-        try:
-            self._map = mmap.mmap(memfd, total)
-        except BaseException:
-            os.close(memfd)
-            os.close(efd)
-            raise
+        # On failure the caller closes the fds; this closes only what it made.
+        self._map = mmap.mmap(memfd, _memfd_size(ring_nbytes))
         control = _align8(ring_nbytes)
         if initialize:
             _CONTROL.pack_into(self._map, control, _MAGIC, _VERSION, ring_nbytes, 0)
         self._memfd = memfd
         self._efd = efd
         self._ring_nbytes = ring_nbytes
-        self._ring = _ring.Ring(self._map, size=ring_nbytes)
-        self._ring._attach_notifier(efd, control + _SIGNALED_OFFSET)
-        self._poll = select.poll()
-        self._poll.register(efd, select.POLLIN)
+        try:
+            self._ring = _ring.Ring(self._map, size=ring_nbytes)
+            self._ring._attach_notifier(efd, control + _SIGNALED_OFFSET)
+        except BaseException:
+            self._map.close()
+            raise
         self._closed = False
         self._pid = os.getpid()
         self._on_close: list[Any] = []
@@ -248,10 +250,16 @@ class CoalescedBuffer:
             for fd in fds:
                 os.close(fd)
 
+    def _poll_fd(self, timeout_ms: int) -> bool:
+        # A poll object per call: several threads may wait at once.
+        poller = select.poll()
+        poller.register(self._efd, select.POLLIN)
+        return bool(poller.poll(timeout_ms))
+
     def readable(self) -> bool:
         """Whether the eventfd polls readable right now (without waiting)."""
         self._check()
-        return bool(self._poll.poll(0))
+        return self._poll_fd(0)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Sleep until the ring holds entries; False if *timeout* seconds pass first.
@@ -260,8 +268,11 @@ class CoalescedBuffer:
         pending.
         """
         self._check()
-        deadline = None if timeout is None else time.monotonic() + timeout
         ring = self._ring
+        if ring._consuming_here():
+            raise RuntimeError("CoalescedBuffer.wait() called from inside a consume() handler "
+                               "of its own ring, which cannot clear the wakeup")
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if len(ring):
                 return True
@@ -270,8 +281,12 @@ class CoalescedBuffer:
                 ms = -1
             else:
                 ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
-            if not self._poll.poll(ms) and ms != -1:
-                return len(ring) > 0
+            self._poll_fd(ms)
+            self._check()   # close() from another thread wakes us
+            if len(ring):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
 
     async def wait_async(self) -> None:
         """Await entries in the ring (asyncio; the event loop watches the eventfd)."""
@@ -282,6 +297,7 @@ class CoalescedBuffer:
             ring.drain(0)
             if len(ring):
                 break
+            self._check()
             ready: asyncio.Future[None] = loop.create_future()
 
             def on_readable() -> None:
@@ -293,6 +309,7 @@ class CoalescedBuffer:
                 await ready
             finally:
                 loop.remove_reader(self._efd)
+            self._check()
 
     async def batches(self, limit: int | None = None) -> AsyncIterator[list[_ring.Entry]]:
         """Async iterator of non-empty drained batches (at most *limit* entries each).
@@ -311,16 +328,22 @@ class CoalescedBuffer:
         return self.batches()
 
     def close(self) -> None:
-        """Deregister the buffer's zones, release the ring, close the fds.  Idempotent."""
+        """Deregister the buffer's zones, release the ring, close the fds.  Idempotent.
+
+        Threads sleeping in :meth:`wait` or :meth:`wait_async` wake up and get
+        ValueError.  Raises RuntimeError (and closes nothing) if called from
+        a consume() handler of this buffer's ring.
+        """
         if self._closed:
             return
+        self._ring.release()   # first: it refuses from inside a handler
         callbacks, self._on_close = self._on_close, []
         for callback in callbacks:
             callback(self)
         self._closed = True
         _live_buffers.discard(self)
-        self._ring.release()
         self._map.close()
+        os.eventfd_write(self._efd, 1)   # wake every sleeper: they find the buffer closed
         os.close(self._efd)
         os.close(self._memfd)
 

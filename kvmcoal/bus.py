@@ -134,7 +134,14 @@ class Bus:
         """Writes :meth:`write` delivered at once (not coalesced, or refused by a full ring)."""
         self._maps: dict[bool, list[Mapping]] = {False: [], True: []}
         self._flushing = threading.local()
+        # Every delivery from a ring happens under this one lock, taken
+        # before any ring's consumer lock: a device that reads the bus while
+        # a poller delivers to it then cannot deadlock against another
+        # poller (or the vCPU thread) taking the rings in the other order.
+        self._deliver_lock = threading.RLock()
         self._stop = threading.Event()
+        self.poller_errors: list[tuple[Mapping, BaseException]] = []
+        """Exceptions device models raised on poller threads (the poller goes on)."""
 
     # -- mapping --
 
@@ -180,16 +187,20 @@ class Bus:
         if mapping not in self._maps[mapping.pio]:
             raise BusError(f"{mapping} is not mapped on this bus")
         if mapping.coalesced:
-            self.flush()
+            # Stop new writes coalescing first, then deliver what is queued,
+            # and only then let go of the mapping and its buffer.
             producer = self._need_producer()
             if mapping.buffer is not None:
-                self._drain_buffer(mapping)
                 producer.unregister_coalesced_mmio2(mapping.zone, mapping.buffer)  # type: ignore[attr-defined]
-                mapping.buffer.close()
-                if mapping._poller is not None:
-                    mapping._poller.join(5)
             else:
                 producer.unregister_coalesced_mmio(mapping.zone)
+            self.flush()
+            if mapping.buffer is not None:
+                with self._deliver_lock:
+                    self._drain_buffer(mapping)
+                    mapping.buffer.close()
+                if mapping._poller is not None:
+                    mapping._poller.join(5)
         self._maps[mapping.pio].remove(mapping)
 
     def find(self, addr: int, size: int = 1, *, pio: bool = False) -> Mapping | None:
@@ -249,21 +260,26 @@ class Bus:
     def flush(self) -> int:
         """Deliver every pending coalesced write to its device, in ring order.
 
-        Returns how many were delivered.  A flush called while one is in
-        progress on this thread (a device touching the bus during replay)
-        returns 0 at once; the outer flush delivers the rest in order.
+        Each ring is delivered in its own order: the producer's VM-wide ring
+        first, then the mappings' own buffers.  Returns how many entries were
+        delivered.  A flush called while one is in progress on this thread
+        (a device touching the bus during replay) returns 0 at once; the
+        outer flush delivers the rest in order.
         """
         if self.producer is None or getattr(self._flushing, "active", False):
             return 0
+        with self._deliver_lock:
+            return self._flush_locked(self.producer.ring)
+
+    def _flush_locked(self, ring: Ring) -> int:
         self._flushing.active = True
         try:
             delivered = 0
-            ring = self.producer.ring
             while True:   # writes made during the replay are flushed too
                 n = ring.consume(self.deliver)
                 for mapping in self.mappings:
-                    if mapping.buffer is not None:   # a running poller may race us: both
-                        n += self._drain_buffer(mapping)   # consume under the ring's lock
+                    if mapping.buffer is not None:
+                        n += self._drain_buffer(mapping)
                 if not n:
                     return delivered
                 delivered += n
@@ -278,7 +294,7 @@ class Bus:
 
     def run(self, vcpu: Any) -> Any:
         """Run a kvm.Vcpu to HLT with this bus as its devices (flushing before every exit)."""
-        return vcpu.run_loop(self.deliver, self.load)
+        return vcpu.run_loop(self.deliver, self.load, drain=self.flush)
 
     # -- pollers for own-buffer mappings --
 
@@ -296,17 +312,23 @@ class Bus:
         while not self._stop.is_set() and not buf.closed:
             try:
                 if buf.wait(0.1):
-                    buf.ring.consume(self.deliver)
+                    with self._deliver_lock:
+                        if not buf.closed:
+                            buf.ring.consume(self.deliver)
             except ValueError:   # closed under us by unmap/close
                 return
+            except Exception as exc:   # a device model failed: keep it, keep polling
+                self.poller_errors.append((mapping, exc))
 
     async def poll_async(self, mapping: Mapping) -> None:
         """An asyncio task body delivering *mapping*'s own-buffer writes as they arrive."""
         if mapping.buffer is None:
             raise BusError(f"{mapping} has no buffer of its own")
-        async for batch in mapping.buffer:
-            for entry in batch:
-                self.deliver(entry.phys_addr, entry.data, entry.pio)
+        buf = mapping.buffer
+        while True:
+            await buf.wait_async()
+            with self._deliver_lock:
+                buf.ring.consume(self.deliver)
 
     def close(self) -> None:
         """Flush, stop the pollers, unmap everything."""

@@ -369,10 +369,14 @@ class Vcpu:
         try:
             os.set_inheritable(self._fd, False)
             self._map = mmap.mmap(self._fd, vm.kvm.vcpu_mmap_size)
+            try:
+                self._run = KvmRunView(self._map)
+            except BaseException:
+                self._map.close()
+                raise
         except BaseException:
             os.close(self._fd)
             raise
-        self._run = KvmRunView(self._map)
         self.exit_count = 0
         """KVM_RUN returns so far: each one an exit to userspace."""
 
@@ -451,7 +455,8 @@ class Vcpu:
         self.exit_count += 1
         return self._decode_exit()
 
-    def run_loop(self, write: WriteHandler, read: ReadHandler) -> HltExit:
+    def run_loop(self, write: WriteHandler, read: ReadHandler, *,
+                 drain: Callable[[], object] | None = None) -> HltExit:
         """Run the guest until it halts, delivering every access.
 
         Writes, from the ring and from exits, go to ``write(addr, data, pio)``
@@ -462,13 +467,19 @@ class Vcpu:
         earlier.  Several vCPUs may run their loops on several threads: the
         ring's consumer lock makes each drain deliver its entries exactly
         once, in ring order, and a vCPU's drain waits for one in progress.
-        Raises GuestError for an exit it cannot continue from.
+        *drain*, if given, replaces the default drain (``ring.consume(write)``)
+        after every KVM_RUN: a Bus passes its flush, which drains its other
+        rings too.  Raises GuestError for an exit it cannot continue from.
         """
-        ring = self.vm.ring if self.vm.kvm.coalesced_mmio_page_offset else None
+        if drain is None and self.vm.kvm.coalesced_mmio_page_offset:
+            ring = self.vm.ring
+
+            def drain() -> object:
+                return ring.consume(write)
         while True:
             exit_ = self.run()
-            if ring is not None:
-                ring.consume(write)
+            if drain is not None:
+                drain()
             if isinstance(exit_, MmioExit):
                 if exit_.is_write:
                     write(exit_.phys_addr, exit_.data, False)

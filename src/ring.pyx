@@ -354,7 +354,7 @@ cdef class Ring:
         (release()) before closing it.
         """
         self._check_live()
-        if offset < self._nbytes or offset + 4 > self._view.len or offset % 4:
+        if offset < self._nbytes or offset > self._view.len - 4 or offset % 4:
             raise ValueError(f"notifier word at offset {offset} is not an aligned word "
                              f"past the ring ({self._nbytes} of {self._view.len} bytes)")
         pthread_mutex_lock(&self._plock)
@@ -429,8 +429,11 @@ cdef class Ring:
         """Empty the ring: set ``first`` and ``last`` to 0."""
         self._check_live()
         self._enter_exclusive("reset")
+        with nogil:  # a writer without the GIL may be mid-push
+            pthread_mutex_lock(&self._plock)
         if self._live:
             kc_ring_reset(&self._r)
+        pthread_mutex_unlock(&self._plock)
         PyThread_release_lock(self._lock)
         self._check_live()
 
@@ -447,6 +450,10 @@ cdef class Ring:
             PyBuffer_Release(&self._view)
         pthread_mutex_unlock(&self._plock)
         PyThread_release_lock(self._lock)
+
+    def _consuming_here(self):
+        """Whether the calling thread is inside a consumer call (a consume handler)."""
+        return self._owner == PyThread_get_thread_ident()
 
     def _release_after_fork(self):
         """In a forked child: release without the locks a parent thread may hold."""

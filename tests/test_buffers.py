@@ -282,3 +282,74 @@ def test_fork_child_cannot_touch_the_parents_ring(buf):
     os.close(r)
     os.waitpid(pid, 0)
     assert [e.data for e in buf.ring.drain()] == [b"parent", b"attached"]
+
+
+def test_close_from_another_thread_wakes_waiters():
+    buf = CoalescedBuffer()
+    errors = []
+
+    def sleeper():
+        try:
+            buf.wait()
+        except ValueError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=sleeper)
+    t.start()
+    time.sleep(0.05)
+    buf.close()
+    t.join(5)
+    assert not t.is_alive() and "closed" in str(errors[0])
+
+
+def test_wait_inside_a_handler_is_refused_and_close_is_refused_there_too(buf):
+    buf.ring.push(1, b"x")
+    caught = []
+
+    def handler(addr, data, pio):
+        for call in (lambda: buf.wait(0.1), buf.close):
+            try:
+                call()
+            except RuntimeError as exc:
+                caught.append(str(exc))
+
+    buf.ring.consume(handler)
+    assert len(caught) == 2 and all("inside" in c for c in caught)
+    assert not buf.closed and buf.ring.push(2, b"y")   # still whole and usable
+
+
+def test_concurrent_waiters_and_readable(buf):
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(buf.wait(5))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for _ in range(50):
+        buf.readable()
+    buf.ring.push(1, b"x")
+    for t in threads:
+        t.join(5)
+    assert results == [True, True, True]
+
+
+def test_failed_attach_reports_the_real_error_and_keeps_the_callers_fds(buf):
+    memfd = os.memfd_create("wsealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        src, _ = buf.fds()
+        os.ftruncate(memfd, os.fstat(src).st_size)
+        os.pwrite(memfd, os.pread(src, os.fstat(src).st_size, 0), 0)
+        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                    | fcntl.F_SEAL_WRITE)
+        with pytest.raises(PermissionError):   # mmap of a write-sealed memfd
+            CoalescedBuffer.attach(memfd, buf.fds()[1])
+        os.fstat(memfd)                         # still open: attach closed only its dups
+        assert buf.ring.push(1, b"x")
+    finally:
+        os.close(memfd)
+
+
+def test_notifier_offset_is_bounds_checked():
+    from kvmcoal import _ring
+    ring = _ring.Ring(bytearray(4096 + 64), size=4096)
+    for offset in (2**63 - 4, -4, 4096 + 62, 100):
+        with pytest.raises(ValueError, match="notifier word"):
+            ring._attach_notifier(0, offset)
