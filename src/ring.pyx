@@ -429,11 +429,14 @@ cdef class Ring:
         """Empty the ring: set ``first`` and ``last`` to 0."""
         self._check_live()
         self._enter_exclusive("reset")
-        with nogil:  # a writer without the GIL may be mid-push
+        # A writer without the GIL may be mid-push.  Whoever holds the
+        # producer lock must never wait for the GIL (push() holds the GIL
+        # while it waits for the lock), so all of this runs without it.
+        with nogil:
             pthread_mutex_lock(&self._plock)
-        if self._live:
-            kc_ring_reset(&self._r)
-        pthread_mutex_unlock(&self._plock)
+            if self._live:
+                kc_ring_reset(&self._r)
+            pthread_mutex_unlock(&self._plock)
         PyThread_release_lock(self._lock)
         self._check_live()
 
@@ -442,13 +445,18 @@ cdef class Ring:
         if not self._live:
             return
         self._enter_exclusive("release")
-        with nogil:  # a writer without the GIL may hold it
+        cdef bint was_live
+        # Mark the ring dead under the producer lock, without the GIL (see
+        # reset()); once it is dead no producer touches the buffer, so the
+        # buffer can be let go of afterwards, with the GIL.
+        with nogil:
             pthread_mutex_lock(&self._plock)
-        if self._live:
+            was_live = self._live
             self._live = False
             kc_ring_set_notifier(&self._r, -1, NULL)
+            pthread_mutex_unlock(&self._plock)
+        if was_live:
             PyBuffer_Release(&self._view)
-        pthread_mutex_unlock(&self._plock)
         PyThread_release_lock(self._lock)
 
     def _consuming_here(self):

@@ -66,7 +66,8 @@ def test_thread_rewriting_the_ring_while_it_drains():
                 else:
                     value = rng.getrandbits(32)
                 view[offset:offset + 4] = value.to_bytes(4, "little")
-            ring.push(rng.getrandbits(64), os.urandom(rng.randrange(1, 9)))
+            for _ in range(20):   # and real entries, so the consumer has some to find
+                ring.push(rng.getrandbits(64), os.urandom(rng.randrange(1, 9)))
             time.sleep(0)
 
     t = threading.Thread(target=scribbler)
