@@ -209,19 +209,50 @@ def start_producer(buf, count):
                             pass_fds=(memfd, efd))
 
 
-def test_million_entries_from_another_process(buf):
-    total = 1_000_000
-    proc = start_producer(buf, total)
+STRESS_ENTRIES = int(os.environ.get("KVMCOAL_STRESS_ENTRIES", "1000000"))
+
+
+def check_stream(buf, total):
+    """Consume *total* sequence-numbered entries, sleeping in wait() whenever empty."""
     expected = 0
+    sleeps = 0
     out = bytearray(24 * buf.ring.max)
     view = memoryview(out).cast("Q")
     while expected < total:
-        if not buf.wait(30):
-            pytest.fail(f"producer stalled after {expected} entries")
+        if not len(buf.ring):
+            sleeps += 1
+            if not buf.wait(30):
+                pytest.fail(f"producer stalled after {expected} entries")
         n = buf.ring.drain_into(out)
         for k in range(n):   # phys_addr is the sequence number, data repeats it
             assert view[3 * k] == expected and view[3 * k + 2] == expected
             expected += 1
+    return sleeps
+
+
+def test_stress_thread_to_thread(buf):
+    total = STRESS_ENTRIES
+
+    def producer():
+        push = buf.ring.push
+        i = 0
+        while i < total:
+            if push(i, i.to_bytes(8, "little")):
+                i += 1
+            else:
+                time.sleep(0)
+
+    t = threading.Thread(target=producer)
+    t.start()
+    check_stream(buf, total)
+    t.join()
+    assert len(buf.ring) == 0
+
+
+def test_million_entries_from_another_process(buf):
+    total = STRESS_ENTRIES
+    proc = start_producer(buf, total)
+    check_stream(buf, total)
     assert proc.wait(30) == 0
     assert len(buf.ring) == 0
 
