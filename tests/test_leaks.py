@@ -15,6 +15,10 @@ from kvmcoal import CoalescedBuffer, EmulatedVm, Ring, Zone
 
 CYCLES = int(os.environ.get("KVMCOAL_LEAK_CYCLES", "20000"))
 PAGE = os.sysconf("SC_PAGE_SIZE")
+# Under AddressSanitizer freed memory sits in its quarantine, so RSS grows
+# without a leak; the fd counts still tell.
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
+RSS_LIMIT = 4 * 1024 * 1024
 
 
 def usage() -> tuple[int, int]:
@@ -64,7 +68,7 @@ def vm_cycle():
 def test_cycles_leave_memory_and_fds_flat(cycle, n):
     grown, fds = flat(cycle, n)
     assert fds == 0
-    assert grown < 4 * 1024 * 1024, f"RSS grew by {grown} bytes over {n} cycles"
+    assert UNDER_ASAN or grown < RSS_LIMIT, f"RSS grew by {grown} bytes over {n} cycles"
 
 
 def test_drains_leave_memory_flat():
@@ -77,4 +81,5 @@ def test_drains_leave_memory_flat():
         ring.drain_into(out)
 
     grown, fds = flat(cycle, CYCLES)
-    assert fds == 0 and grown < 4 * 1024 * 1024
+    assert fds == 0
+    assert UNDER_ASAN or grown < RSS_LIMIT, f"RSS grew by {grown} bytes over {CYCLES} drains"
