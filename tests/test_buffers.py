@@ -384,3 +384,14 @@ def test_notifier_offset_is_bounds_checked():
     for offset in (2**63 - 4, -4, 4096 + 62, 100):
         with pytest.raises(ValueError, match="notifier word"):
             ring._attach_notifier(0, offset)
+
+
+def test_a_ring_kept_past_its_buffers_close_refuses_everything():
+    buf = CoalescedBuffer()
+    ring = buf.ring
+    ring.push(1, b"x")
+    buf.close()
+    for call in (len, lambda r: r.push(1, b"x"), lambda r: r.drain(), lambda r: r.pop(),
+                 lambda r: r.consume(print), lambda r: r.drain_into(bytearray(24))):
+        with pytest.raises(ValueError, match="released"):
+            call(ring)

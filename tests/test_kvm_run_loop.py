@@ -170,3 +170,20 @@ def test_nothing_leaks_fds_or_mappings():
     for _ in range(50):
         cycle()
     assert counts() == before
+
+
+def test_closed_objects_refuse_use():
+    if not kvm.available():
+        pytest.skip(f"/dev/kvm is not usable here: {kvm.why_unavailable()}")
+    k = kvm.Kvm()
+    vm = k.create_vm()
+    vm.create_vcpu()
+    ring = vm.ring
+    vm.close()
+    k.close()
+    with pytest.raises(ValueError, match="closed Kvm"):
+        k.check_extension(1)
+    with pytest.raises(ValueError, match="closed Vm"):
+        vm.register_coalesced_mmio(MMIO)
+    with pytest.raises(ValueError, match="released"):
+        ring.drain()
