@@ -4,7 +4,9 @@ Zones are registered and unregistered, buffers created, bound, closed and
 corrupted, writes and consumer calls interleaved at random.  The outcome must
 always be a valid result or one of the documented exceptions (ValueError,
 TypeError, KvmcoalError); every entry drained must be a write that was
-coalesced, and no more entries can come out than went in.
+coalesced, and no more entries can come out than went in (until a peer has
+scribbled on a ring: from then on garbage may drain as valid-looking entries,
+which is all a consumer can promise).
 
     python tests/fuzz/fuzz_vm.py -atheris_runs=5000        # the CI run
     python tests/fuzz/fuzz_vm.py -max_total_time=3600      # a long run
@@ -28,6 +30,7 @@ def one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     accepted: Counter = Counter()
     drained: Counter = Counter()
+    tainted = False   # after a peer scribbled, garbage may drain as valid-looking entries
     with EmulatedVm(page_size=fdp.PickValueInList([32, 56, 4096])) as vm:
         buffers = []
         for _ in range(fdp.ConsumeIntInRange(0, 48)):
@@ -65,13 +68,12 @@ def one_input(data: bytes) -> None:
                         memfd, _ = buf.fds()   # a peer scribbles on the shared memory
                         os.pwrite(memfd, fdp.ConsumeBytes(4).ljust(4, b"\0"),
                                   fdp.ConsumeIntInRange(0, 8) * 4)
-                        accepted.clear()       # corrupted rings may now yield old slots
-                        drained.clear()
+                        tainted = True
                 elif op == 9 and buffers:
                     fdp.PickValueInList(buffers).wait(0)
             except ALLOWED:
                 pass
-            if accepted and (drained - accepted):
+            if not tainted and drained - accepted:
                 raise AssertionError(f"drained entries that were never written: "
                                      f"{drained - accepted}")
 
