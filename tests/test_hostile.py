@@ -31,8 +31,11 @@ def consume_under_fire(ring, stop):
                 entries += ring.drain_into(out)
                 got = []
             elif kind == 2:
-                got = []
-                ring.consume(lambda a, d, p: got.append((a, d, p)), 50)
+                handled = []
+                ring.consume(lambda a, d, p: handled.append((a, d, p)), 50)
+                for _addr, data, pio in handled:   # what a handler sees must be valid too
+                    assert 1 <= len(data) <= 8 and isinstance(pio, bool)
+                entries += len(handled)
                 got = []
             else:
                 e = ring.pop()
