@@ -8,6 +8,9 @@ The same guest makes the same stores (``KVMCOAL_BENCH_KVM_STORES``, default
   registered as coalesced zones, delivering to a handler that checks each
   write against the expected stream and counts it;
 * ``python-uncoalesced``: the same, no zone registered (every store exits);
+* ``python-batch-device``: coalesced, the device taking the ring in batches
+  (``run_loop(..., drain=device.drain)``, one ``drain_into`` and one bulk
+  check per KVM_RUN return);
 * ``c-coalesced`` / ``c-uncoalesced``: ``benchmarks/cvmm.c``, a small C VMM
   doing the same (built with gcc -O2 into ``benchmarks/build/`` on first
   use; skipped, saying so, without gcc), one long-lived process per test
@@ -101,6 +104,11 @@ def _bench(benchmark, guest_run) -> None:
 def test_python_vmm(benchmark, stores, coalesced):
     """kvmcoal.kvm: Vcpu.run_loop, the ring drained into a checking handler after every exit."""
     _bench(benchmark, PythonRun(stores, coalesced))
+
+
+def test_python_vmm_batch_device(benchmark, stores):
+    """kvmcoal.kvm: Vcpu.run_loop with a device taking the ring in batches (drain_into)."""
+    _bench(benchmark, PythonRun(stores, True, batch=True))
 
 
 @pytest.mark.parametrize("coalesced", COALESCING)
