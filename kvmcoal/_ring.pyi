@@ -135,9 +135,17 @@ class Ring:
         """Copy pending entries into *out* as raw 24-byte ABI records.
 
         Copies as many as fit in ``len(out) // 24`` records, consumes them and
-        returns how many.  Creates no Python object per entry and runs
-        without the GIL.  Data bytes past each entry's ``len`` are zero in the
-        copy.  A numpy array of :data:`kvmcoal.ENTRY_DTYPE` is a good *out*.
+        returns how many.  Creates no Python object per entry.  Data bytes
+        past each entry's ``len`` are zero in the copy.  A numpy array of
+        :data:`kvmcoal.ENTRY_DTYPE` is a good *out*.
+
+        The records are copied in one go and checked in *out*, so what was
+        checked is what the caller gets.  If that check meets a corrupted
+        entry, the good entries before it are delivered (and counted), the
+        records from it on are zeroed in *out*, and it stays in the ring
+        (:class:`RingCorruptedError` if it is the first).  The GIL is
+        released around a copy that may exceed 64 KiB; a smaller one takes
+        less time than releasing and retaking it.
         """
     def consume(self, handler: Handler, limit: int | None = None) -> int:
         """Call ``handler(phys_addr, data, pio)`` for each pending entry, in order.

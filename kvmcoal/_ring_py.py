@@ -420,7 +420,18 @@ class Ring:
             with self._consumer() as view:
                 if view is None:
                     return 0
-                records = self._collect(view, dst.nbytes // ENTRY_SIZE)
+                _first, pending = self._begin(view)
+                batch = min(pending, dst.nbytes // ENTRY_SIZE)
+                try:
+                    records = self._collect(view, batch)
+                except RingCorruptedError:
+                    records = []
+                    raise
+                finally:
+                    # Like the C core, which copies the batch and checks the
+                    # copy: the records from a corrupt entry on are zeroed.
+                    dst[len(records) * ENTRY_SIZE:batch * ENTRY_SIZE] = bytes(
+                        (batch - len(records)) * ENTRY_SIZE)
             for i, (phys_addr, data, pio) in enumerate(records):
                 _ENTRY.pack_into(dst, i * ENTRY_SIZE, phys_addr, len(data), int(pio), data)
         return len(records)

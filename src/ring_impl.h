@@ -127,17 +127,66 @@ static inline int64_t kc_ring_begin(const kc_ring *r, uint32_t *first_out, uint3
     return last >= first ? (int64_t)(last - first) : (int64_t)r->max - first + last;
 }
 
-/* Zero data[len..8): a fixed-size mask, not a variable-length memset call. */
-static inline void kc_zero_data_tail(kc_entry *e)
+/*
+ * Zero data[len..8) of the 8 data bytes at *data (any alignment) with a
+ * fixed-size mask, not a variable-length memset call.  Any len is safe: one
+ * outside 1..8 keeps every byte, and kc_check_copy rejects that entry anyway.
+ */
+static inline void kc_mask_data(unsigned char *data, uint32_t len)
 {
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    /* The bytes data[0..len) of a little-endian load; one load per entry. */
+    static const uint64_t keep[16] = {
+        ~0ull, 0xffull, 0xffffull, 0xffffffull, 0xffffffffull, 0xffffffffffull,
+        0xffffffffffffull, 0xffffffffffffffull, ~0ull,
+        ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull,
+    };
     uint64_t d;
-    memcpy(&d, e->data, sizeof d);
-    d &= e->len >= 8 ? ~(uint64_t)0 : ((uint64_t)1 << (8 * e->len)) - 1;
-    memcpy(e->data, &d, sizeof d);
+    memcpy(&d, data, sizeof d);
+    d &= keep[len & 15];
+    memcpy(data, &d, sizeof d);
 #else
-    memset(e->data + e->len, 0, KC_MAX_DATA - e->len);
+    if (len < KC_MAX_DATA)
+        memset(data + len, 0, KC_MAX_DATA - len);
 #endif
+}
+
+static inline void kc_zero_data_tail(kc_entry *e)
+{
+    kc_mask_data(e->data, e->len);
+}
+
+/*
+ * Validate a copied entry's len and pio (the copy is private: the producer
+ * cannot change it between this check and its use).  KC_OK, or the error
+ * with the offending value in *bad.
+ */
+/* Nonzero if len is outside 1..8 or pio is not 0 or 1; no branch (len - 1 wraps for 0). */
+static inline uint32_t kc_fields_bad(uint32_t len, uint32_t pio)
+{
+    return (len - 1u > KC_MAX_DATA - 1u) | (pio > 1u);
+}
+
+/* The len and pio of a raw 24-byte record at any alignment. */
+static inline void kc_record_fields(const unsigned char *rec, uint32_t *len, uint32_t *pio)
+{
+    memcpy(len, rec + offsetof(kc_entry, len), sizeof *len);
+    memcpy(pio, rec + offsetof(kc_entry, pio), sizeof *pio);
+}
+
+static inline int kc_check_copy(uint32_t len, uint32_t pio, uint32_t *bad)
+{
+    if (__builtin_expect(kc_fields_bad(len, pio), 0) == 0)
+        return KC_OK;
+    if (len == 0 || len > KC_MAX_DATA) {
+        *bad = len;
+        return KC_E_BAD_LEN;
+    }
+    if (pio > 1) {
+        *bad = pio;
+        return KC_E_BAD_PIO;
+    }
+    return KC_OK;
 }
 
 /*
@@ -147,17 +196,12 @@ static inline void kc_zero_data_tail(kc_entry *e)
  */
 static inline int kc_ring_read(const kc_ring *r, uint32_t idx, kc_entry *out, uint32_t *bad)
 {
+    int rc;
     memcpy(out, kc_slot(r, idx), KC_ENTRY_SIZE);
-    if (out->len == 0 || out->len > KC_MAX_DATA) {
-        *bad = out->len;
-        return KC_E_BAD_LEN;
-    }
-    if (out->pio > 1) {
-        *bad = out->pio;
-        return KC_E_BAD_PIO;
-    }
-    kc_zero_data_tail(out);
-    return KC_OK;
+    rc = kc_check_copy(out->len, out->pio, bad);
+    if (rc == KC_OK)
+        kc_zero_data_tail(out);
+    return rc;
 }
 
 /* Hand slots up to (not including) first back to the producer. */

@@ -191,6 +191,25 @@ def test_drain_into_raw_records(impl):
         ring.drain_into(b"\0" * 48)
 
 
+@pytest.mark.parametrize("nbytes", [4096, 256 * 1024])   # the copy with the GIL, and without
+def test_drain_into_a_large_batch_wrapping_round(impl, nbytes):
+    buf = bytearray(nbytes)
+    ring = impl.Ring(buf)
+    start = ring.max - 100
+    set_indices(buf, start, start)
+    writes = [(0x2000 + 8 * i, (i * 0x01020304).to_bytes(8, "little")[:1 + i % 8], i % 3 == 0)
+              for i in range(ring.capacity)]
+    for addr, data, pio in writes:
+        assert ring.push(addr, data, pio=pio)
+    out = np.zeros(ring.capacity + 1, dtype=kvmcoal.ENTRY_DTYPE)
+    assert ring.drain_into(out) == ring.capacity
+    got = [(int(r["phys_addr"]), r["data"].tobytes()[:r["len"]], bool(r["pio"]))
+           for r in out[:ring.capacity]]
+    assert got == writes
+    assert all(r["data"].tobytes()[r["len"]:] == bytes(8 - r["len"]) for r in out[:ring.capacity])
+    assert len(ring) == 0 and ring.first == ring.last == (start + ring.capacity) % ring.max
+
+
 def test_drain_into_zeroes_stale_data_past_len(impl):
     buf = bytearray(4096)
     ring = impl.Ring(buf)

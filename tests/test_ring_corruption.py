@@ -91,3 +91,27 @@ def test_reset_recovers(impl):
         ring.drain()
     ring.reset()
     assert ring.push(1, b"x") and ring.pop().phys_addr == 1
+
+
+@pytest.mark.parametrize("start", [0, 167])   # 167: the batch wraps round the ring's end
+def test_drain_into_stops_at_a_corrupt_entry_and_hands_over_no_copy_of_it(impl, start):
+    buf = bytearray(4096)
+    ring = impl.Ring(buf)
+    set_indices(buf, start, start)
+    for i in range(4):
+        assert ring.push(0x1000 + i, bytes([i + 1]) * 4)
+    bad_slot = (start + 2) % ring.max
+    write_u32(buf, slot_offset(bad_slot) + 8, 9)             # len = 9
+    out = bytearray(b"\xaa" * 24 * 6)
+    assert ring.drain_into(out) == 2
+    assert [out[24 * i + 16] for i in range(2)] == [1, 2]
+    # The corrupt entry and the good one after it were copied, then zeroed:
+    # only what was counted reaches the caller; the rest of out is untouched.
+    assert out[48:96] == bytes(48) and out[96:] == b"\xaa" * 48
+    assert ring.first == bad_slot
+    out[:] = b"\xaa" * len(out)
+    with pytest.raises(RingCorruptedError, match="len=9") as info:
+        ring.drain_into(out)
+    assert info.value.index == bad_slot
+    assert out[:48] == bytes(48) and out[48:] == b"\xaa" * 96
+    assert ring.first == bad_slot
