@@ -32,20 +32,21 @@ rebuilds it.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
-import os
-import shutil
 import struct
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import kvmcoal
 from kvmcoal import Zone, guests, kvm
+
+if __package__:
+    from . import cbuild
+else:  # imported by a report run as a script: python benchmarks/report_kvm.py
+    import cbuild
 
 MMIO_BASE = 0xD0000
 MMIO_REG = MMIO_BASE + 0x10
@@ -59,7 +60,6 @@ SMOKE_STORES = 3_000
 
 HERE = Path(__file__).resolve().parent
 CVMM_SOURCE = HERE / "cvmm.c"
-BUILD_DIR = HERE / "build"
 GUEST_BIN = guests.source_dir() / "store_loop.bin"
 CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror"]
 _RECORD = struct.Struct("<QII8s")   # struct kvm_coalesced_mmio, as drain_into writes it
@@ -296,30 +296,13 @@ class PythonRun(GuestRun):
 # The C VMM
 
 
-class CvmmUnavailable(RuntimeError):
-    """The C VMM cannot be built here (no gcc); the message says why."""
+# The C VMM cannot be built here (no gcc, or no <linux/kvm.h>); the message says why.
+CvmmUnavailable = cbuild.CBuildUnavailable
 
 
 def build_cvmm() -> Path:
     """``benchmarks/build/cvmm-HASH``, compiled with gcc -O2 unless it is there already."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise CvmmUnavailable("gcc is not installed, so the C VMM (benchmarks/cvmm.c) "
-                              "cannot be built; install gcc to compare against it")
-    source = CVMM_SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:12]
-    binary = BUILD_DIR / f"cvmm-{tag}"
-    if binary.exists():
-        return binary
-    BUILD_DIR.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=BUILD_DIR) as tmp:
-        out = Path(tmp) / "cvmm"
-        proc = subprocess.run([gcc, *CFLAGS, "-o", str(out), str(CVMM_SOURCE)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"gcc failed to build {CVMM_SOURCE}:\n{proc.stderr}")
-        os.replace(out, binary)   # atomic: a concurrent build never runs half a file
-    return binary
+    return cbuild.build(CVMM_SOURCE, "executable", CFLAGS)
 
 
 def _parse(line: str) -> dict:

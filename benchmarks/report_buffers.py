@@ -1,11 +1,12 @@
-"""Buffer figures: the producer path, wake latency, cross-process throughput.
+"""Buffer figures: the producer path, wake latency, cross-process and cross-thread throughput.
 
     python benchmarks/report_buffers.py            # table
     python benchmarks/report_buffers.py --json     # the same figures as JSON
     python benchmarks/report_buffers.py --check    # exit 1 if a target is missed
 
-The workloads are those of ``benchmarks/test_producer.py`` and
-``benchmarks/test_wakeup.py`` (see ``benchmarks/buffers_workload.py``):
+The workloads are those of ``benchmarks/test_producer.py``,
+``benchmarks/test_wakeup.py`` and ``benchmarks/test_transfer.py`` (see
+``benchmarks/buffers_workload.py``):
 
 1. Producer: ``EmulatedVm.write`` against ``Ring.push``, each timed call a
    plain loop of 4096 4-byte writes into a zone whose ring is a 1 MiB
@@ -21,12 +22,20 @@ The workloads are those of ``benchmarks/test_producer.py`` and
    mechanisms alternate round trip by round trip, so they share the same
    threads, processes and CPU placement.  p50 and p99 over
    ``--round-trips`` round trips per mechanism, in ``--blocks`` blocks.
-3. Throughput: ``--records`` 24-byte records from a producer subprocess to
-   this process, through a CoalescedBuffer ring (consumer: ``wait()`` and
-   ``drain_into``) or a ``multiprocessing.Queue`` (one put and one get per
-   record); each transfer is checked, every record in order.  Producer
-   start-up is not timed.  ``--transfers`` transfers per method, one per
-   block, methods interleaved.
+3. Throughput: ``--records`` 24-byte records from a producer to this
+   thread, which sleeps whenever nothing is there; the producer is a
+   spawned process or a thread of this process, running the same code.
+   Through a CoalescedBuffer ring (``Ring.push`` per record; consumer:
+   ``wait()`` and ``drain_into``; one-page and 64 KiB rings) and the peers:
+   ``multiprocessing.Queue`` (put and get per record), ``os.pipe`` (169
+   records per write; non-blocking ``readinto``, ``select`` when empty),
+   faster-fifo (``put_many`` of 169, ``get_many``) and pyzmq PUSH/PULL (a
+   message per record, ``ipc://`` between processes, ``inproc://`` between
+   threads).  Each transfer is checked, every record in order, and the
+   producer must exit 0; producer start-up is not timed.  ``--transfers``
+   transfers per method, one per block, methods interleaved.  A peer that
+   does not import is reported as missing, with the reason, and so are the
+   ratios against it.
 
 Each ratio is given two ways: "pooled" (the statistic over all samples of
 one method against the other's) and "blocks" (the median over blocks of the
@@ -34,8 +43,14 @@ within-block ratio, i.e. of samples taken close together), which the
 met/MISSED verdict uses, as in ``report.py``.
 
 The targets: ``EmulatedVm.write`` within 2x of ``Ring.push``; kvmcoal's wake
-p50 at most 1.2x a bare eventfd's (threads, and processes); kvmcoal at least
-10x the records/s of ``multiprocessing.Queue`` across processes.
+p50 at most 1.2x a bare eventfd's (threads, and processes); across
+processes, kvmcoal at least 10x the records/s of ``multiprocessing.Queue``
+and at least 2x faster-fifo's.  The ratios against ``os.pipe`` and pyzmq,
+and all the cross-thread ones, are for reference.
+
+``measure_producer``, ``measure_wakeups``, ``measure_throughput`` and
+``measure`` take an optional ``progress`` callback, called with a short
+message before each stage (for a progress line).
 """
 
 from __future__ import annotations
@@ -46,6 +61,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 if __package__:
     from . import buffers_workload as bw
@@ -61,7 +77,9 @@ else:  # run as a script: python benchmarks/report_buffers.py
         table, time_blocks, timing_figures)
 
 
-def measure_producer(repeat: int, blocks: int) -> dict:
+def measure_producer(repeat: int, blocks: int,
+                     progress: Callable[[str], None] | None = None) -> dict:
+    (progress or noop)(f"producer: {repeat} timings of {bw.PRODUCER_BATCH} writes per method")
     with bw.ProducerWorkload() as p:
         p.check_each_path()
         methods = [
@@ -97,10 +115,12 @@ def measure_producer(repeat: int, blocks: int) -> dict:
 WARMUP_ROUND_TRIPS = 20
 
 
-def measure_wakeups(round_trips: int, blocks: int) -> dict:
+def measure_wakeups(round_trips: int, blocks: int,
+                    progress: Callable[[str], None] | None = None) -> dict:
     out: dict = {"pace_us": bw.PACE_S * 1e6, "round_trips": 0, "blocks": blocks, "ratios": []}
     per_block = max(1, round_trips // blocks)
     for kind, cls in (("threads", bw.ThreadWakeups), ("processes", bw.ProcessWakeups)):
+        (progress or noop)(f"wake latency, {kind}: {round_trips} round trips per mechanism")
         with cls() as h:
             modes = list(h.modes)
             h.run(modes * WARMUP_ROUND_TRIPS)
@@ -134,60 +154,107 @@ def measure_wakeups(round_trips: int, blocks: int) -> dict:
     return out
 
 
-def measure_throughput(records: int, transfers: int) -> dict:
-    methods = [
-        ("kvmcoal", bw.KvmcoalTransfer(records)),
-        ("kvmcoal_64k", bw.KvmcoalTransfer(records, 65536)),
-        ("queue", bw.QueueTransfer(records)),
-    ]
-    rates: dict[str, list[float]] = {key: [] for key, _ in methods}
-    batches: dict[str, list[int]] = {key: [] for key, _ in methods}
+# What measure_throughput compares: (mode, key) of each transfer, in the order
+# of the tables, and the ratios it reports: (mode, numerator, denominator,
+# op, target); kvmcoal's one-page ring against each peer, the 64 KiB ring
+# against the Queue for reference.
+THROUGHPUT_MODES = {"processes": False, "threads": True}
+THROUGHPUT_RATIOS = [
+    ("processes", "kvmcoal", "queue", ">=", 10.0),
+    ("processes", "kvmcoal_64k", "queue", None, None),
+    ("processes", "kvmcoal", "faster_fifo", ">=", 2.0),
+    ("processes", "kvmcoal", "pipe", None, None),
+    ("processes", "kvmcoal", "zmq", None, None),
+    ("threads", "kvmcoal", "queue", None, None),
+    ("threads", "kvmcoal_64k", "queue", None, None),
+    ("threads", "kvmcoal", "faster_fifo", None, None),
+    ("threads", "kvmcoal", "pipe", None, None),
+    ("threads", "kvmcoal", "zmq", None, None),
+]
+# How the ratios name the mechanisms.
+SHORT_NAMES = {"kvmcoal": "kvmcoal", "kvmcoal_64k": "kvmcoal 64 KiB", "queue": "Queue",
+               "pipe": "os.pipe", "faster_fifo": "faster-fifo", "zmq": "pyzmq"}
+
+
+def measure_throughput(records: int, transfers: int,
+                       progress: Callable[[str], None] | None = None) -> dict:
+    """Records/s of every mechanism of ``bw.TRANSFERS``, producer in a process and in a thread.
+
+    Each of *transfers* blocks makes one transfer of each mechanism, in a
+    rotated order, so that all are measured under the same conditions; a
+    peer that does not import is reported with ``missing`` (its reason),
+    and so are the ratios against it.
+    """
+    say = progress or noop
+    methods: list[tuple[str, str, bw.Transfer]] = []
+    missing: dict[str, str] = {}
     try:
+        for mode, thread in THROUGHPUT_MODES.items():
+            for key, make in bw.TRANSFERS.items():
+                try:
+                    methods.append((mode, key, make(records, thread=thread)))
+                except bw.PeerMissing as exc:
+                    missing[key] = str(exc)
+        rates: dict[tuple[str, str], list[float]] = {(m, k): [] for m, k, _ in methods}
+        calls: dict[tuple[str, str], list[int]] = {(m, k): [] for m, k, _ in methods}
         for b in range(transfers):
-            for key, t in rotated(methods, b):
+            say(f"throughput: block {b + 1} of {transfers}, {len(methods)} transfers "
+                f"of {records} records")
+            for mode, key, t in rotated(methods, b):
                 t.prepare()
                 t0 = time.perf_counter()
                 n = t.run()
                 elapsed = time.perf_counter() - t0
                 t.finish()          # every record, in order, and the producer exited 0
-                rates[key].append(n / elapsed)
-                batches[key].append(getattr(t, "batches", n))
-        for key, t in methods:
-            assert t.transfers == transfers, (key, t.transfers)
-        labels = {key: t.label for key, t in methods}
-        labels["kvmcoal_64k"] += " (reference)"
+                rates[mode, key].append(n / elapsed)
+                calls[mode, key].append(t.batches)
+        for mode, key, t in methods:
+            assert t.transfers == transfers, (mode, key, t.transfers)
+        labels = {(mode, key): t.label for mode, key, t in methods}
     finally:
-        for _key, t in methods:
+        for _mode, _key, t in methods:
             t.close()
 
-    results = {key: {
-        "label": labels[key],
-        "transfers": len(rates[key]),
-        "median_records_per_s": statistics.median(rates[key]),
-        "best_records_per_s": max(rates[key]),
-        "median_receive_calls": statistics.median(batches[key]),
-    } for key, _ in methods}
+    out: dict = {"records": records, "record_bytes": bw.RECORD_BYTES, "transfers": transfers,
+                 "batch": bw.TRANSFER_BATCH}
+    for mode in THROUGHPUT_MODES:
+        out[mode] = {}
+        for key in bw.TRANSFERS:
+            if key in missing:
+                out[mode][key] = {"label": SHORT_NAMES[key], "missing": missing[key]}
+                continue
+            median = statistics.median(rates[mode, key])
+            out[mode][key] = {
+                "label": labels[mode, key],
+                "transfers": len(rates[mode, key]),
+                "median_records_per_s": median,
+                "best_records_per_s": max(rates[mode, key]),
+                "median_ns_per_record": 1e9 / median,
+                "median_receive_calls": statistics.median(calls[mode, key]),
+            }
 
-    def ratio(num, name, op=None, target=None):
+    def ratio(mode, num, den, op, target):
+        name = f"records/s, {mode}: {SHORT_NAMES[num]} / {SHORT_NAMES[den]}"
+        gone = missing.get(num) or missing.get(den)
+        if gone:
+            return {"name": name, "pooled": None, "blocks": None, "blocks_min": None,
+                    "blocks_max": None, "op": op, "target": target, "missing": gone}
+        got = out[mode]
         return {"name": name,
-                "pooled": (results[num]["median_records_per_s"]
-                           / results["queue"]["median_records_per_s"]),
-                **spread(rates[num], rates["queue"]),
+                "pooled": got[num]["median_records_per_s"] / got[den]["median_records_per_s"],
+                **spread(rates[mode, num], rates[mode, den]),
                 "op": op, "target": target}
 
-    return {
-        "records": records, "record_bytes": bw.ENTRY.size, "transfers": transfers,
-        "methods": results,
-        "ratios": [ratio("kvmcoal", "records/s: kvmcoal / Queue", ">=", 10.0),
-                   ratio("kvmcoal_64k", "records/s: kvmcoal 64 KiB / Queue")],
-    }
+    out["ratios"] = [ratio(*r) for r in THROUGHPUT_RATIOS]
+    return out
 
 
-def measure(args: argparse.Namespace) -> dict:
-    producer = measure_producer(args.repeat, min(args.blocks, args.repeat))
-    wakeups = measure_wakeups(args.round_trips, min(args.blocks, args.round_trips))
-    throughput = measure_throughput(args.records, args.transfers)
-    ratios = [{**r, "met": is_met(r["op"], r["target"], r["blocks"])}
+def measure(args: argparse.Namespace, progress: Callable[[str], None] | None = None) -> dict:
+    producer = measure_producer(args.repeat, min(args.blocks, args.repeat), progress)
+    wakeups = measure_wakeups(args.round_trips, min(args.blocks, args.round_trips), progress)
+    throughput = measure_throughput(args.records, args.transfers, progress)
+    # A ratio against a missing peer has no verdict.
+    ratios = [{**r, "met": None if "missing" in r else is_met(r["op"], r["target"], r["blocks"])}
               for r in producer["ratios"] + wakeups["ratios"] + throughput["ratios"]]
     for section in (producer, wakeups, throughput):
         del section["ratios"]
@@ -234,27 +301,38 @@ def format_table(report: dict) -> str:
             for kind in ("threads", "processes") for r in wake[kind].values())),
     ]
 
+    rows = [(f"{mode}: {r['label']}", r) for mode in THROUGHPUT_MODES for r in thr[mode].values()]
+    width = max(len(name) for name, _ in rows)
     lines += [
         "",
-        f"3. throughput: {thr['records']} {thr['record_bytes']}-byte records, producer "
-        f"subprocess -> this process;",
-        f"   {thr['transfers']} transfers per method, interleaved; every record checked, in order",
-        *table(f"{'method':<54} {'records/s':>11} {'best':>11} {'receives':>9}", (
-            f"{r['label']:<54} {r['median_records_per_s']:>11,.0f} "
-            f"{r['best_records_per_s']:>11,.0f} {r['median_receive_calls']:>9,.0f}"
-            for r in thr["methods"].values())),
+        f"3. throughput: {thr['records']} {thr['record_bytes']}-byte records from a producer "
+        f"(spawned process or thread)",
+        f"   to this thread, asleep whenever nothing is there; {thr['transfers']} transfers "
+        f"per method,",
+        "   interleaved; every record checked, in order",
+        *table(f"{'method':<{width}} {'records/s':>11} {'best':>11} {'ns/rec':>7} "
+               f"{'receives':>9}", (
+            f"{name:<{width}} missing: {r['missing']}" if "missing" in r else
+            f"{name:<{width}} {r['median_records_per_s']:>11,.0f} "
+            f"{r['best_records_per_s']:>11,.0f} {r['median_ns_per_record']:>7.0f} "
+            f"{r['median_receive_calls']:>9,.0f}"
+            for name, r in rows)),
     ]
 
+    width = max(len(r["name"]) for r in report["ratios"])
     lines.append("")
-    lines += table(f"{'ratio':<38} {'pooled':>8} {RATIO_HEAD}", (
-        f"{r['name']:<38} {r['pooled']:>7.2f}x {ratio_columns(r, r['op'], r['target'])}"
+    lines += table(f"{'ratio':<{width}} {'pooled':>8} {RATIO_HEAD}", (
+        f"{r['name']:<{width}} {'':>8} missing: {r['missing']}" if "missing" in r else
+        f"{r['name']:<{width}} {r['pooled']:>7.2f}x {ratio_columns(r, r['op'], r['target'])}"
         for r in report["ratios"]))
     lines += [
         "",
         "producer: µs/call and ns/write are the best timing, median ns the median;",
         "wake: p50/p99 over all round trips; lead = smallest time from the consumer entering",
         "its wait to the write (how surely it was asleep); throughput: median and best",
-        "records/s, receives = drain_into calls (Queue: one get per record).",
+        "records/s, ns/rec from the median, receives = the consumer's receive calls per",
+        "transfer (drain_into, readinto, get_many; one get or recv per record for the Queue",
+        f"and pyzmq); os.pipe and faster-fifo send {thr['batch']} records per write or put_many.",
         "pooled: producer median/median, wake p50/p50 (p99/p99) over all round trips,",
         "throughput median/median; blocks: median over blocks of the within-block ratio",
         "(the verdict uses it); range: lowest to highest block ratio.",
@@ -271,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=10,
                         help="interleaved blocks for the producer and wake figures (default 10)")
     parser.add_argument("--records", type=int, default=bw.RECORDS,
-                        help=f"records per cross-process transfer (default {bw.RECORDS})")
+                        help=f"records per throughput transfer (default {bw.RECORDS})")
     parser.add_argument("--transfers", type=int, default=5,
                         help="transfers per throughput method, one per block (default 5)")
     args = parser.parse_args(argv)

@@ -1,104 +1,72 @@
-"""Full-ring consumer benchmarks: kvmcoal against pure-Python baselines.
+"""Consumer benchmarks: kvmcoal against pure-Python and C baselines, full ring and partial batches.
 
-Every benchmark drains one full one-page ring (``RING_MAX - 1`` entries, 169
-on 4 KiB pages) per timed round; the ring is refilled in pytest-benchmark's
-``setup``, outside the timing.  Each test checks that the work happened:
-the count returned, the ring empty afterwards, one refill per round (the
-refill itself refuses to run on a ring the previous round did not empty)
-and, where the output is kept, its content.
+One pytest-benchmark group per question: how fast is a full one-page ring
+(``RING_MAX - 1`` entries, 169 on 4 KiB pages) drained, and a batch of 1,
+of 8 and of 64 entries, where the cost of the call itself weighs more.  In
+each group, every method of ``consumers.py``: ``drain_into`` (numpy and
+bytearray), ``drain``, ``consume`` with an empty handler, a ``pop()``
+loop, iteration, the pure-Python baselines (QEMU-style, ctypes,
+``struct.iter_unpack``, rust-vmm-style), the C consumer (``cconsumer.c``;
+skipped, saying why, where it cannot be built) and the plain loop calling
+the empty handler as often, the yardstick for ``consume``.
 
-    python -m pytest benchmarks/ --benchmark-only      # timed
-    python -m pytest benchmarks/ --benchmark-disable   # smoke, one call each
+Each timed round drains one batch; the ring is refilled in
+pytest-benchmark's ``setup``, outside the timing.  Each test checks that the
+work happened: once, untimed, that the method delivers exactly what
+``Ring.consume`` delivers (values, types, order); then, for the timed
+rounds, the count returned, the content where the output is kept, one
+refill per round (a refill refuses to run on a ring the previous round did
+not empty) and the ring empty at the end.
+
+``extra_info``: ``entries`` per call and, when timing is enabled,
+``us_per_call``, ``ns_per_entry`` and ``entries_per_s``, from the median
+round.  ``KVMCOAL_BENCH_ROUNDS`` (default 5000) and ``KVMCOAL_BENCH_WARMUP``
+(default 200) set the rounds per benchmark.
+
+    python -m pytest benchmarks/test_consumer.py --benchmark-only      # timed
+    python -m pytest benchmarks/test_consumer.py --benchmark-disable   # smoke, one call each
+
+``benchmarks/report.py`` gives the same figures interleaved, with the
+ratios the targets are judged on.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-import kvmcoal
+from .consumers import METHOD_KEYS, consumer_methods
+from .workload import BATCHES, ROUNDS, WARMUP_ROUNDS, RefilledRing
 
-from . import baselines
-from .workload import ROUNDS, WARMUP_ROUNDS, empty_handler
-
-CAPACITY = kvmcoal.RING_MAX - 1
-GROUP = f"full-ring consumer ({CAPACITY} entries)"
-
-pytestmark = pytest.mark.benchmark(group=GROUP)
+# None: the full ring.
+BATCH_SIZES = (*BATCHES, None)
 
 
-def _check_rounds(benchmark, full_ring):
-    """One refill per round: the timed call drained every round."""
-    expected = 1 if benchmark.disabled else ROUNDS + WARMUP_ROUNDS
-    assert full_ring.refills == expected
-    full_ring.assert_empty()
+@pytest.mark.parametrize("key", METHOD_KEYS)
+@pytest.mark.parametrize("batch", BATCH_SIZES,
+                         ids=lambda b: "full" if b is None else f"batch{b}")
+def test_consumer(benchmark, batch, key):
+    rr = RefilledRing(batch)
+    method = {m.key: m for m in consumer_methods(rr)}[key]
+    if method.missing is not None:
+        pytest.skip(f"the C baseline is missing: {method.missing}")
+    benchmark.group = f"consumer: {rr.title}"
+    method.verify()
 
+    refills_before = rr.refills
+    result = benchmark.pedantic(method.call, setup=method.setup, rounds=ROUNDS,
+                                warmup_rounds=WARMUP_ROUNDS, iterations=1)
+    method.check(result)
+    if method.uses_ring:
+        # One refill per round: each refill checked that the round before it
+        # emptied the ring; the last round is checked here.
+        rounds = 1 if benchmark.disabled else ROUNDS + WARMUP_ROUNDS
+        assert rr.refills - refills_before == rounds
+        rr.assert_empty()
 
-def test_drain_into_numpy(benchmark, run_full_ring, full_ring):
-    """``Ring.drain_into`` into a preallocated ``ENTRY_DTYPE`` numpy array."""
-    out = np.zeros(full_ring.capacity, dtype=kvmcoal.ENTRY_DTYPE)
-    count = run_full_ring(full_ring.ring.drain_into, out)
-    assert count == full_ring.capacity
-    _check_rounds(benchmark, full_ring)
-    assert out.tobytes() == full_ring.expected_records
-
-
-def test_drain_into_bytearray(benchmark, run_full_ring, full_ring):
-    """``Ring.drain_into`` into a preallocated bytearray of raw records."""
-    out = bytearray(full_ring.capacity * kvmcoal.ENTRY_SIZE)
-    count = run_full_ring(full_ring.ring.drain_into, out)
-    assert count == full_ring.capacity
-    _check_rounds(benchmark, full_ring)
-    assert bytes(out) == full_ring.expected_records
-
-
-def test_drain_entries(benchmark, run_full_ring, full_ring):
-    """``Ring.drain``: a list of ``Entry`` objects."""
-    entries = run_full_ring(full_ring.ring.drain)
-    assert len(entries) == full_ring.capacity
-    _check_rounds(benchmark, full_ring)
-    assert entries == full_ring.expected_entries
-
-
-def test_consume_empty_handler(benchmark, run_full_ring, full_ring):
-    """``Ring.consume`` with an empty 3-argument handler."""
-    count = run_full_ring(full_ring.ring.consume, empty_handler)
-    assert count == full_ring.capacity
-    _check_rounds(benchmark, full_ring)
-
-
-def test_qemu_style_python_loop(benchmark, run_full_ring, full_ring):
-    """Baseline: QEMU's flush loop in pure Python (struct, one store per entry)."""
-    # Untimed: the baseline delivers exactly what Ring.consume delivers.
-    full_ring.refill()
-    seen = []
-    assert baselines.qemu_style_drain(
-        full_ring.buf, full_ring.max, lambda a, d, p: seen.append((a, d, p))) == full_ring.capacity
-    assert seen == full_ring.expected_triples
-    full_ring.assert_empty()
-    full_ring.refills = 0
-
-    count = run_full_ring(baselines.qemu_style_drain, full_ring.buf, full_ring.max, empty_handler)
-    assert count == full_ring.capacity
-    _check_rounds(benchmark, full_ring)
-
-
-def test_plain_python_loop_baseline(benchmark, run_full_ring, full_ring):
-    """Baseline for consume: a plain ``for`` loop calling the empty handler."""
-    args = full_ring.expected_triples[0]
-    calls = []
-    assert baselines.plain_handler_loop(
-        lambda *a: calls.append(a), full_ring.capacity, args) == full_ring.capacity
-    assert calls == [args] * full_ring.capacity
-
-    count = run_full_ring(baselines.plain_handler_loop, empty_handler, full_ring.capacity, args,
-                          setup=None)
-    assert count == full_ring.capacity
-
-
-def test_plain_python_loop_star_args_reference(benchmark, run_full_ring, full_ring):
-    """Reference only: the plain loop written ``handler(*args)`` (slower per call)."""
-    args = full_ring.expected_triples[0]
-    count = run_full_ring(baselines.plain_handler_loop_star, empty_handler, full_ring.capacity,
-                          args, setup=None)
-    assert count == full_ring.capacity
+    benchmark.extra_info["entries"] = rr.batch
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:  # None under --benchmark-disable
+        median = stats.stats.median
+        benchmark.extra_info["us_per_call"] = median * 1e6
+        benchmark.extra_info["ns_per_entry"] = median / rr.batch * 1e9
+        benchmark.extra_info["entries_per_s"] = rr.batch / median

@@ -1,4 +1,4 @@
-"""Wakeup benchmarks: wake latency of a sleeping consumer, and cross-process throughput.
+"""Wakeup benchmarks: wake latency of a sleeping consumer.
 
 Wake latency (see ``buffers_workload._Wakeups``): paced round trips in which
 a producer makes one write while the consumer sleeps, 200 µs after the
@@ -12,15 +12,10 @@ figures are ``p50_us`` and ``p99_us`` in ``extra_info`` (``--benchmark-json``),
 also printed after pytest-benchmark's tables.
 Target: kvmcoal's p50 at most 1.2x a bare eventfd's.
 
-Throughput: a producer subprocess sends N 24-byte records to this process,
-through a CoalescedBuffer ring (the consumer sleeps in ``wait()`` and drains
-with ``drain_into``) or a ``multiprocessing.Queue`` (one put and one get per
-record).  Producer start-up is in ``setup``, not timed; every record is
-checked, in order.  Target: kvmcoal at least 10x the Queue's records/s.
-
-The targets are judged by ``report_buffers.py``, which interleaves the
-mechanisms (round trip by round trip, transfer by transfer) so that they
-are measured under the same conditions; these tests run each alone.
+The target is judged by ``report_buffers.py``, which interleaves the
+mechanisms round trip by round trip so that they are measured under the
+same conditions; these tests run each alone.  The throughput benchmarks
+are in ``test_transfer.py``.
 
 Why kvmcoal can be slower between threads: ``Ring.push`` runs the ring's
 producer, including the eventfd ``write(2)`` that wakes the consumer, with
@@ -36,8 +31,7 @@ thread runs, which is why the consumer's loop is kept lean.
     python -m pytest benchmarks/test_wakeup.py --benchmark-only
     python -m pytest benchmarks/test_wakeup.py --benchmark-disable   # smoke
 
-``KVMCOAL_BENCH_ROUND_TRIPS`` (default 2000) and ``KVMCOAL_BENCH_RECORDS``
-(default 200000) set the work.
+``KVMCOAL_BENCH_ROUND_TRIPS`` (default 2000) sets the work.
 """
 
 from __future__ import annotations
@@ -45,12 +39,10 @@ from __future__ import annotations
 import pytest
 
 from .buffers_workload import (
-    PROCESS_MODES, RECORDS, ROUND_TRIPS, SMOKE_RECORDS, THREAD_MODES, WAKE_FIGURES,
-    KvmcoalTransfer, ProcessWakeups, QueueTransfer, ThreadWakeups)
+    PROCESS_MODES, ROUND_TRIPS, THREAD_MODES, WAKE_FIGURES, ProcessWakeups, ThreadWakeups)
 
 LATENCY_ROUNDS = 20          # timed blocks per latency benchmark
 WARMUP_ROUND_TRIPS = 20      # untimed, not in the figures
-TRANSFER_ROUNDS = 3          # timed transfers per throughput benchmark
 
 
 def _latency(benchmark, harness, mode: str) -> None:
@@ -88,37 +80,3 @@ def test_wake_latency_processes(benchmark, mode):
     """A producer subprocess's one write wakes this process from its wait."""
     with ProcessWakeups() as harness:
         _latency(benchmark, harness, mode)
-
-
-def _throughput(benchmark, transfer) -> None:
-    rounds = 1 if benchmark.disabled else TRANSFER_ROUNDS
-    got = benchmark.pedantic(transfer.run, setup=transfer.prepare, rounds=rounds, iterations=1)
-    assert got == transfer.records
-    transfer.finish()              # every record of the last transfer, in order
-    assert transfer.transfers == rounds
-    benchmark.extra_info["records"] = transfer.records
-    benchmark.extra_info["record_bytes"] = 24
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None:  # None under --benchmark-disable
-        benchmark.extra_info["records_per_s"] = transfer.records / stats.stats.median
-
-
-@pytest.fixture
-def records(benchmark) -> int:
-    return SMOKE_RECORDS if benchmark.disabled else RECORDS
-
-
-@pytest.mark.benchmark(group="cross-process throughput, 24-byte records")
-@pytest.mark.parametrize("ring_bytes", [None, 65536], ids=["one-page-ring", "64KiB-ring"])
-def test_throughput_kvmcoal(benchmark, records, ring_bytes):
-    """A producer subprocess pushes to an attached buffer; this process waits and drain_into()s."""
-    with KvmcoalTransfer(records, ring_bytes) as transfer:
-        _throughput(benchmark, transfer)
-        benchmark.extra_info["ring_entries"] = transfer.buf.ring.capacity
-
-
-@pytest.mark.benchmark(group="cross-process throughput, 24-byte records")
-def test_throughput_multiprocessing_queue(benchmark, records):
-    """Baseline: the same records as bytes through a multiprocessing.Queue, put/get each."""
-    with QueueTransfer(records) as transfer:
-        _throughput(benchmark, transfer)
