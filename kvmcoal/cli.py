@@ -1,4 +1,4 @@
-"""The ``kvmcoal`` command: ``demo`` and ``probe``.
+"""The ``kvmcoal`` command: ``demo``, ``probe`` and ``bench``.
 
 ``kvmcoal demo`` boots a small real-mode guest on /dev/kvm.  The guest prints
 a banner through a 16550 UART, then streams writes into a framebuffer and the
@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import PAGE_SIZE, RING_MAX, Bus, EmulatedVm, guests, kvm
+from . import PAGE_SIZE, RING_MAX, Bus, EmulatedVm, bench, guests, kvm
 from .devices import Framebuffer, Uart16550
 
 UART = 0x3F8
@@ -196,6 +196,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    if not args.scale > 0:
+        raise ValueError("--scale must be positive")
+    return bench.main(args.only, args.skip, args.scale, args.json, args.plot, args.check,
+                      args.benchmarks, args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmcoal", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +220,30 @@ def build_parser() -> argparse.ArgumentParser:
                                            "support, page size and ring size of this host.")
     probe_cmd.add_argument("--json", action="store_true", help="print as JSON")
     probe_cmd.set_defaults(func=cmd_probe)
+    bench_cmd = sub.add_parser(
+        "bench", help="a quick run (under a minute) of the headline benchmarks",
+        description=bench.__doc__.split("\n\n")[1].replace("``", "'"))
+    bench_cmd.add_argument("--only", metavar="SECTION", action="append",
+                           choices=bench.SECTIONS,
+                           help=f"run only this section (repeatable): {', '.join(bench.SECTIONS)}")
+    bench_cmd.add_argument("--skip", metavar="SECTION", action="append", default=[],
+                           choices=bench.SECTIONS, help="leave this section out (repeatable)")
+    bench_cmd.add_argument("--scale", type=float, default=1.0,
+                           help="multiply every repeat and record count (default 1.0: about "
+                                "a minute; 0.1 for a smoke run)")
+    bench_cmd.add_argument("--json", metavar="FILE",
+                           help="also write every figure as JSON to FILE ('-': JSON on stdout, "
+                                "no table)")
+    bench_cmd.add_argument("--plot", metavar="FILE.png",
+                           help="draw ns/entry per method and batch size, and guest stores/s "
+                                "(needs matplotlib: pip install 'kvmcoal[plot]')")
+    bench_cmd.add_argument("--check", action="store_true",
+                           help="exit with status 1 if a target is missed")
+    bench_cmd.add_argument("--benchmarks", metavar="DIR",
+                           help="the source tree's benchmarks/ directory (default: beside the "
+                                "package, else ./benchmarks)")
+    bench_cmd.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    bench_cmd.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -222,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().error("--iterations must be at least 1")
     try:
         return args.func(args)
-    except (kvm.KvmUnavailableError, RuntimeError, OSError) as exc:
+    except (kvm.KvmUnavailableError, RuntimeError, OSError, ValueError) as exc:
         print(f"kvmcoal {args.command}: {exc}", file=sys.stderr)
         return 1
 

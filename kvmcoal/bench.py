@@ -1,0 +1,360 @@
+"""``kvmcoal bench``: a quick run of the headline benchmark comparisons.
+
+The measuring code lives in the source tree's ``benchmarks/`` directory
+(``report.py``, ``report_buffers.py``, ``report_kvm.py``; their workloads,
+baselines and the C programs they compile), not in the installed package:
+``kvmcoal bench`` finds that directory, runs each report's ``measure`` with
+counts small enough for the whole run to take under a minute, and prints one
+table of each figure and of each ratio to its baseline, with the issue's
+target and the verdict.  The report scripts, run directly, take longer and
+give steadier figures; ``docs/BENCHMARKS.md`` explains both.
+
+Sections (``--only``/``--skip``):
+
+* ``consumer``: draining a full ring and batches of 1, 8 and 64 entries
+  with ``drain_into``, ``drain``, ``consume``, ``pop`` and iteration,
+  against pure-Python baselines and a C consumer;
+* ``producer``: ``EmulatedVm.write`` against ``Ring.push``;
+* ``wakeup``: producer write to consumer return from ``wait()``, against a
+  bare eventfd and ``select``, between threads and between processes;
+* ``transfer``: 24-byte records between processes and threads, against
+  ``multiprocessing.Queue``, ``os.pipe``, faster-fifo and pyzmq;
+* ``kvm``: a real guest on /dev/kvm storing N times, coalesced or not,
+  through the Python run loop and through a small C VMM.
+
+A section that cannot run here (no /dev/kvm, no gcc, a peer not installed)
+is reported as skipped or missing, with the reason; it is never dropped
+silently.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TextIO
+
+SECTIONS = ("consumer", "producer", "wakeup", "transfer", "kvm")
+
+Progress = Callable[[str], None]
+
+
+class BenchmarksNotFoundError(RuntimeError):
+    """The source tree's ``benchmarks/`` directory is not where ``kvmcoal bench`` looked."""
+
+
+def find_benchmarks(explicit: str | Path | None = None) -> Path:
+    """The ``benchmarks/`` directory to run: *explicit*, beside the package, or in the cwd.
+
+    An editable install (``pip install -e .``, the README's set-up) keeps
+    the package in the source tree, so ``benchmarks/`` sits beside it.
+    """
+    candidates = ([Path(explicit)] if explicit is not None else
+                  [Path(__file__).resolve().parent.parent / "benchmarks",
+                   Path.cwd() / "benchmarks"])
+    for path in candidates:
+        if (path / "report.py").is_file() and (path / "__init__.py").is_file():
+            return path.resolve()
+    raise BenchmarksNotFoundError(
+        "kvmcoal bench runs the benchmarks of a source checkout, and found none at "
+        + " or ".join(str(p) for p in candidates)
+        + ": run it from a clone (pip install -e '.[bench]'), or pass --benchmarks DIR")
+
+
+def load_reports(benchmarks: Path) -> dict[str, ModuleType]:
+    """Import ``benchmarks.report``, ``.report_buffers``, ``.report_kvm`` and ``.reporting``."""
+    parent = str(benchmarks.parent)
+    if parent not in sys.path:
+        sys.path.insert(0, parent)
+    package = importlib.import_module(benchmarks.name)
+    if Path(package.__file__ or "").resolve().parent != benchmarks:
+        raise BenchmarksNotFoundError(
+            f"another module named {benchmarks.name!r} ({package.__file__}) shadows "
+            f"{benchmarks}")
+    return {name: importlib.import_module(f"{benchmarks.name}.{name}")
+            for name in ("report", "report_buffers", "report_kvm", "reporting")}
+
+
+def _count(base: int, scale: float, least: int = 1) -> int:
+    return max(least, round(base * scale))
+
+
+def run(sections: Iterable[str] = SECTIONS, *, scale: float = 1.0,
+        benchmarks: str | Path | None = None, progress: Progress | None = None) -> dict:
+    """Run the quick benchmark *sections*; the combined report (what ``--json`` writes).
+
+    *scale* multiplies every repeat and record count (1.0: about a minute
+    on a 2-CPU machine).  Each section's entry is its report's own output
+    (``"ratios"`` each with ``name``, ``op``, ``target``, ``blocks`` and
+    ``met``), or ``{"skipped": reason}``.
+    """
+    say = progress or (lambda message: None)
+    mods = load_reports(find_benchmarks(benchmarks))
+    reporting = mods["reporting"]
+    started = time.perf_counter()
+    out: dict[str, Any] = {"meta": {**reporting.environment(), "scale": scale},
+                           "sections": {}}
+    for name in sections:
+        if name not in SECTIONS:
+            raise ValueError(f"unknown section {name!r}: choose from {', '.join(SECTIONS)}")
+
+        def step(message: str, _name: str = name) -> None:
+            say(f"{_name}: {message}")
+
+        step("starting")
+        out["sections"][name] = section = _MEASURE[name](mods, scale, step)
+        for r in section.get("ratios", ()):
+            if "met" not in r:
+                r["met"] = (None if r.get("missing") else
+                            reporting.is_met(r.get("op"), r.get("target"), r["blocks"]))
+    out["meta"]["seconds"] = time.perf_counter() - started
+    return out
+
+
+def _consumer(mods: dict[str, ModuleType], scale: float, step: Progress) -> dict:
+    repeat = _count(3000, scale, 5)
+    return mods["report"].measure(repeat, min(10, repeat), progress=step)
+
+
+def _producer(mods: dict[str, ModuleType], scale: float, step: Progress) -> dict:
+    repeat = _count(1000, scale, 3)
+    return mods["report_buffers"].measure_producer(repeat, min(5, repeat), progress=step)
+
+
+def _wakeup(mods: dict[str, ModuleType], scale: float, step: Progress) -> dict:
+    round_trips = _count(1500, scale, 4)
+    return mods["report_buffers"].measure_wakeups(round_trips, min(5, round_trips),
+                                                  progress=step)
+
+
+def _transfer(mods: dict[str, ModuleType], scale: float, step: Progress) -> dict:
+    return mods["report_buffers"].measure_throughput(_count(200_000, scale, 1000), 3,
+                                                     progress=step)
+
+
+def _kvm(mods: dict[str, ModuleType], scale: float, step: Progress) -> dict:
+    report_kvm = mods["report_kvm"]
+    reason = report_kvm.kw.kvm_unavailable()
+    if reason is not None:
+        return {"skipped": f"/dev/kvm cannot be used: {reason}"}
+    try:
+        return report_kvm.measure(_count(60_000, scale, 300), 5, progress=step)
+    except report_kvm.kw.CvmmUnavailable as exc:
+        return {"skipped": str(exc)}
+
+
+_MEASURE: dict[str, Callable[[dict[str, ModuleType], float, Progress], dict]] = {
+    "consumer": _consumer, "producer": _producer, "wakeup": _wakeup,
+    "transfer": _transfer, "kvm": _kvm,
+}
+
+
+# ---------------------------------------------------------------------------
+# The table
+
+# A method's headline figure: the first of these keys it has, and its unit.
+_FIGURES = (
+    ("best_ns_per_entry", "{:,.1f} ns/entry"),
+    ("best_ns_per_write", "{:,.1f} ns/write"),
+    ("median_records_per_s", "{:,.0f} records/s"),
+    ("median_stores_per_s", "{:,.0f} stores/s"),
+    ("best_us_per_ring", "{:,.2f} µs/call"),
+    ("best_us_per_call", "{:,.2f} µs/call"),
+)
+
+
+def _figure(method: dict) -> str:
+    if method.get("missing"):
+        return f"missing: {method['missing']}"
+    if "p50_us" in method:
+        return f"p50 {method['p50_us']:.1f} µs, p99 {method['p99_us']:.1f} µs"
+    for key, fmt in _FIGURES:
+        if method.get(key) is not None:
+            return fmt.format(method[key])
+    return "-"
+
+
+def _methods(section: dict) -> list[dict]:
+    """Every method of a section, in report order (wakeups are per threads/processes)."""
+    if "methods" in section:
+        return list(section["methods"].values())
+    found = []
+    for kind in ("threads", "processes"):
+        for method in section.get(kind, {}).values():
+            found.append({**method, "label": f"{kind}: {method['label']}"})
+    return found
+
+
+def _verdict(r: dict) -> str:
+    if r.get("missing"):
+        return f"missing: {r['missing']}"
+    if r.get("op") is None:
+        return "(reference)"
+    if r["met"]:
+        return "met"
+    got, target = r["blocks"], r["target"]
+    short = (target - got) / target if r["op"] == ">=" else (got - target) / target
+    return f"MISSED by {abs(got - target):.2f}x ({short:.1%})"
+
+
+def _batch_rows(batches: list[dict]) -> list[str]:
+    sizes = sorted({b["entries"] for b in batches})
+    labels: dict[str, str] = {}
+    cell: dict[tuple[str, int], float] = {}
+    for b in batches:
+        labels.setdefault(b["method"], b["label"])
+        cell[b["method"], b["entries"]] = b["best_ns_per_entry"]
+    head = f"    {'ns/entry by batch size':<38}" + "".join(f"{s:>9}" for s in sizes)
+    rows = [head]
+    for key, label in labels.items():
+        rows.append(f"    {label:<38}" + "".join(
+            f"{cell[key, s]:>9.1f}" if (key, s) in cell else f"{'-':>9}" for s in sizes))
+    return rows
+
+
+def format_table(report: dict) -> str:
+    """The human-readable table ``kvmcoal bench`` prints."""
+    meta = report["meta"]
+    lines = [f"kvmcoal bench: kvmcoal {meta['kvmcoal']} ({meta['ring_module']}), Python "
+             f"{meta['python']}, {meta['machine']}; scale {meta['scale']:g}, "
+             f"{meta.get('seconds', 0):.0f} s", ""]
+    ratios: list[tuple[str, dict]] = []
+    for name, section in report["sections"].items():
+        if "skipped" in section:
+            lines += [f"{name}: skipped: {section['skipped']}", ""]
+            continue
+        lines.append(f"{name}:")
+        lines += [f"    {m['label']:<60} {_figure(m)}" for m in _methods(section)]
+        if section.get("batches"):
+            lines += _batch_rows(section["batches"])
+        lines.append("")
+        ratios += [(name, r) for r in section.get("ratios", ())]
+    if ratios:
+        head = f"{'ratio':<52} {'value':>8} {'(range)':>15}  {'target':<8} result"
+        lines += [head, "-" * len(head)]
+        for _name, r in ratios:
+            if r.get("missing"):
+                lines.append(f"{r['name']:<52} {'-':>8} {'':>15}  {'':<8} {_verdict(r)}")
+                continue
+            span = f"{r['blocks_min']:.2f}-{r['blocks_max']:.2f}x"
+            target = "-" if r.get("op") is None else f"{r['op']} {r['target']:g}x"
+            lines.append(f"{r['name']:<52} {r['blocks']:>7.2f}x {span:>15}  {target:<8} "
+                         f"{_verdict(r)}")
+        lines += ["", "value: median over interleaved blocks of the within-block ratio; "
+                  "range: lowest to highest block.",
+                  "A quick run: for steadier figures run the scripts in benchmarks/ "
+                  "(docs/BENCHMARKS.md)."]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# The plot
+
+
+def plot(report: dict, path: str | Path) -> None:
+    """Draw ns/entry per consumer method and batch size, and guest stores/s, into *path*.
+
+    Needs matplotlib (``pip install 'kvmcoal[plot]'``).
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError(f"--plot needs matplotlib (pip install 'kvmcoal[plot]'): {exc}") \
+            from None
+    sections = report["sections"]
+    consumer = sections.get("consumer", {})
+    kvm_methods = sections.get("kvm", {}).get("methods", {})
+    panels = [p for p in ("batches", "kvm") if (consumer.get("batches") if p == "batches"
+                                                 else kvm_methods)]
+    if not panels:
+        raise RuntimeError("nothing to plot: run the consumer or kvm section")
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "batches":
+            by_method: dict[str, list[tuple[int, float]]] = {}
+            for b in consumer["batches"]:
+                by_method.setdefault(b["label"], []).append((b["entries"], b["best_ns_per_entry"]))
+            for label, points in by_method.items():
+                points.sort()
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("entries per call (batch size)")
+            ax.set_ylabel("ns per entry (best)")
+            ax.set_title("Consumer cost per entry")
+            ax.legend(fontsize="x-small")
+            ax.grid(True, which="both", alpha=0.3)
+        else:
+            labels = [m["label"] for m in kvm_methods.values()]
+            rates = [m["median_stores_per_s"] for m in kvm_methods.values()]
+            colours = ["tab:green" if "uncoalesced" not in label else "tab:red"
+                       for label in labels]
+            ax.barh(labels, rates, color=colours)
+            ax.set_xlabel("guest stores per second (median)")
+            ax.set_title("Real KVM: coalesced (green) vs not (red)")
+            ax.invert_yaxis()
+            ax.tick_params(axis="y", labelsize="small")
+    meta = report["meta"]
+    fig.suptitle(f"kvmcoal {meta['kvmcoal']}, Python {meta['python']}, {meta['machine']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# The command
+
+
+class _ProgressLine:
+    """Progress on stderr: one rewritten line on a terminal, else a line per step."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        text = f"[{time.perf_counter() - self._start:5.1f} s] {message}"
+        if self._tty:
+            self._stream.write(f"\r\033[K{text}")
+        else:
+            self._stream.write(text + "\n")
+        self._stream.flush()
+
+    def done(self) -> None:
+        if self._tty:
+            self._stream.write("\r\033[K")
+            self._stream.flush()
+
+
+def main(only: Sequence[str] | None, skip: Sequence[str], scale: float, json_path: str | None,
+         plot_path: str | None, check: bool, benchmarks: str | None = None,
+         quiet: bool = False) -> int:
+    """``kvmcoal bench``'s body; the exit status (1 with *check* if a target was missed)."""
+    sections = [s for s in (only or SECTIONS) if s not in skip]
+    progress = None if quiet else _ProgressLine(sys.stderr)
+    try:
+        report = run(sections, scale=scale, benchmarks=benchmarks, progress=progress)
+    finally:
+        if progress is not None:
+            progress.done()
+    if json_path == "-":
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        print(format_table(report))
+        if json_path is not None:
+            with open(json_path, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2)
+                f.write("\n")
+    if plot_path is not None:
+        plot(report, plot_path)
+    missed = [r["name"] for s in report["sections"].values() for r in s.get("ratios", ())
+              if r.get("met") is False]
+    return 1 if check and missed else 0
