@@ -281,10 +281,11 @@ class CoalescedBuffer:
                 ms = -1
             else:
                 ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
-            self._poll_fd(ms)
-            self._check()   # close() from another thread wakes us
-            if len(ring):
+            # The sleep and the check after it are C: the code that runs
+            # between the wakeup and the return is what the wake latency pays.
+            if ring._sleep(ms):
                 return True
+            self._check()   # close() from another thread wakes us
             if deadline is not None and time.monotonic() >= deadline:
                 return False
 

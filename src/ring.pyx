@@ -24,7 +24,7 @@ from kvm_abi cimport *
 from cpython.exc cimport PyErr_CheckSignals
 
 from cpython.exc cimport PyErr_SetFromErrno
-from libc.errno cimport errno
+from libc.errno cimport errno, EINTR
 import os
 
 from kvmcoal.errors import KvmcoalError, RingCorruptedError
@@ -461,6 +461,31 @@ cdef class Ring:
         if was_live:
             PyBuffer_Release(&self._view)
         pthread_mutex_unlock(&self._lock)
+
+    def _sleep(self, int timeout_ms):
+        """Sleep, without the GIL, until the notifier eventfd is readable or
+        *timeout_ms* pass (-1: no limit); whether the ring then holds entries.
+
+        False also after a signal (its handlers have run) and on a ring
+        released meanwhile: the caller re-checks and decides.  True for a
+        corrupted ring, so that the caller's next consumer call reports it.
+        """
+        cdef int rc, efd
+        cdef uint32_t first, bad = 0
+        self._check_live()
+        efd = self._r.efd
+        if efd < 0:
+            raise ValueError("the ring has no notifier eventfd to sleep on")
+        with nogil:
+            rc = kc_wait_readable(efd, timeout_ms)
+        if rc < 0:
+            if errno != EINTR:
+                PyErr_SetFromErrno(OSError)
+            PyErr_CheckSignals()
+            return False
+        if not self._live:
+            return False
+        return kc_ring_begin(&self._r, &first, &bad) != 0
 
     def _consuming_here(self):
         """Whether the calling thread is inside a consumer call (a consume handler)."""

@@ -5,6 +5,7 @@
 #include "ring_impl.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <unistd.h>
 
 int kc_ring_init(kc_ring *r, void *base, size_t nbytes)
@@ -204,4 +205,14 @@ int kc_ring_notify_consumer_idle(const kc_ring *r)
     if (kc_ring_peek_first(r) != kc_ring_peek_last(r))
         return kc_ring_notify_producer(r);
     return 0;
+}
+
+int kc_wait_readable(int efd, int timeout_ms)
+{
+    struct pollfd p = {.fd = efd, .events = POLLIN};
+    int rc = poll(&p, 1, timeout_ms);
+
+    if (rc < 0)
+        return -1;
+    return rc > 0;
 }

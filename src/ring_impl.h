@@ -258,6 +258,15 @@ int kc_ring_claim_wakeup(const kc_ring *r);
 int kc_ring_signal(const kc_ring *r);
 int kc_ring_notify_producer(const kc_ring *r);
 int kc_ring_notify_consumer_idle(const kc_ring *r);
+/*
+ * The consumer's sleep: poll() the eventfd until it is readable or
+ * timeout_ms (-1: no limit) passes.  1 readable, 0 timed out, -1 with errno
+ * set (EINTR included: the caller runs the signal handlers and decides).
+ * In C because the code between the wakeup and the return runs cold (the
+ * thread slept): here it is a few instructions, where a Python poll object
+ * and the checks after it added more than a microsecond to the wake latency.
+ */
+int kc_wait_readable(int efd, int timeout_ms);
 
 /*
  * The kernel's producer (virt/kvm/coalesced_mmio.c, Linux 6.12+): refuse if

@@ -55,6 +55,7 @@ cdef extern from "ring_impl.h" nogil:
     int kc_ring_signal(const kc_ring *r)
     int kc_ring_notify_producer(const kc_ring *r)
     int kc_ring_notify_consumer_idle(const kc_ring *r)
+    int kc_wait_readable(int efd, int timeout_ms)
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:

@@ -395,3 +395,37 @@ def test_a_ring_kept_past_its_buffers_close_refuses_everything():
                  lambda r: r.consume(print), lambda r: r.drain_into(bytearray(24))):
         with pytest.raises(ValueError, match="released"):
             call(ring)
+
+
+class _Alarm(Exception):
+    pass
+
+
+def test_a_signal_during_wait_runs_its_handler_and_can_interrupt_it(buf):
+    calls = []
+
+    def count(signum, frame):
+        calls.append(signum)
+
+    def interrupt(signum, frame):
+        raise _Alarm
+
+    old = signal.signal(signal.SIGALRM, count)
+    try:
+        # A handler that returns: wait() sleeps on to its timeout.
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        start = time.monotonic()
+        assert buf.wait(0.3) is False
+        assert calls == [signal.SIGALRM] and time.monotonic() - start >= 0.29
+        # A handler that raises: the exception comes out of wait() at once.
+        signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        start = time.monotonic()
+        with pytest.raises(_Alarm):
+            buf.wait(5)
+        assert time.monotonic() - start < 2
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    # The buffer still works.
+    assert buf.ring.push(0x10, b"\x01") and buf.wait(1) is True
