@@ -204,7 +204,7 @@ def format_table(report: dict) -> str:
         f"in {meta['blocks']} interleaved blocks; refill not timed",
         "",
     ]
-    lines += table(f"{'method':<34} {'µs/ring':>9} {'ns/entry':>9} {'median µs':>10}",
+    lines += table(f"{'method':<38} {'µs/ring':>9} {'ns/entry':>9} {'median µs':>10}",
                    (_method_row(r) for r in report["methods"].values()))
 
     sizes = meta["batches"]
@@ -213,7 +213,7 @@ def format_table(report: dict) -> str:
               (f"ns/entry by entries per call (best of {meta['repeat']} timings each; "
                f"{sizes[-1]} = the full ring above);"),
               f"each includes the {empty_ns:.0f} ns of the empty call, most of a batch of 1"]
-    lines += table(f"{'method':<34}" + "".join(f" {k:>8}" for k in sizes),
+    lines += table(f"{'method':<38}" + "".join(f" {k:>8}" for k in sizes),
                    _batch_rows(report["batches"], sizes))
     lines.append("")
     lines += table(f"{'ratio':<38} {'best':>8} {'median':>8} {RATIO_HEAD}",
@@ -238,7 +238,7 @@ def _batch_rows(batches: list[dict], sizes: list[int]) -> list[str]:
     for figures in by_method.values():
         label = next(iter(figures.values()))["label"]
         cells = (_ns(figures[k]["best_ns_per_entry"] if k in figures else None) for k in sizes)
-        rows.append(f"{label:<34}" + "".join(f" {cell:>8}" for cell in cells))
+        rows.append(f"{label:<38}" + "".join(f" {cell:>8}" for cell in cells))
     return rows
 
 
@@ -248,8 +248,8 @@ def _ns(value: float | None) -> str:
 
 def _method_row(r: dict) -> str:
     if r.get("missing"):
-        return f"{r['label']:<34} missing (see below)"
-    return (f"{r['label']:<34} {r['best_us_per_ring']:>9.2f} "
+        return f"{r['label']:<38} missing (see below)"
+    return (f"{r['label']:<38} {r['best_us_per_ring']:>9.2f} "
             f"{_ns(r['best_ns_per_entry']):>9} {r['median_us_per_ring']:>10.2f}")
 
 

@@ -255,6 +255,11 @@ def format_table(report: dict) -> str:
 # The plot
 
 
+# The consumer section's methods that are kvmcoal's own (the rest are baselines).
+_KVMCOAL_CONSUMERS = frozenset({"drain_into_numpy", "drain_into_bytearray", "drain", "consume",
+                                "pop_loop", "iteration"})
+
+
 def plot(report: dict, path: str | Path) -> None:
     """Draw ns/entry per consumer method and batch size, and guest stores/s, into *path*.
 
@@ -274,28 +279,37 @@ def plot(report: dict, path: str | Path) -> None:
                                                  else kvm_methods)]
     if not panels:
         raise RuntimeError("nothing to plot: run the consumer or kvm section")
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(9 * len(panels), 5.5), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         if panel == "batches":
             by_method: dict[str, list[tuple[int, float]]] = {}
+            method_labels: dict[str, str] = {}
             for b in consumer["batches"]:
-                by_method.setdefault(b["label"], []).append((b["entries"], b["best_ns_per_entry"]))
-            for label, points in by_method.items():
+                by_method.setdefault(b["method"], []).append((b["entries"], b["best_ns_per_entry"]))
+                method_labels[b["method"]] = b["label"]
+            tab20 = plt.get_cmap("tab20")
+            for i, (key, points) in enumerate(by_method.items()):
                 points.sort()
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+                # kvmcoal's own methods solid, the baselines dashed.
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                        color=tab20(i % 20),
+                        linestyle="-" if key in _KVMCOAL_CONSUMERS else "--",
+                        label=method_labels[key])
             ax.set_xscale("log")
             ax.set_yscale("log")
+            sizes = sorted({b["entries"] for b in consumer["batches"]})
+            ax.set_xticks(sizes, [str(n) for n in sizes])
+            ax.minorticks_off()
             ax.set_xlabel("entries per call (batch size)")
             ax.set_ylabel("ns per entry (best)")
-            ax.set_title("Consumer cost per entry")
-            ax.legend(fontsize="x-small")
+            ax.set_title("Consumer cost per entry (solid: kvmcoal, dashed: baselines)")
+            ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
             ax.grid(True, which="both", alpha=0.3)
         else:
-            labels = [m["label"] for m in kvm_methods.values()]
+            runs = [m["label"] for m in kvm_methods.values()]
             rates = [m["median_stores_per_s"] for m in kvm_methods.values()]
-            colours = ["tab:green" if "uncoalesced" not in label else "tab:red"
-                       for label in labels]
-            ax.barh(labels, rates, color=colours)
+            ax.barh(runs, rates, color=["tab:green" if "uncoalesced" not in run else "tab:red"
+                                        for run in runs])
             ax.set_xlabel("guest stores per second (median)")
             ax.set_title("Real KVM: coalesced (green) vs not (red)")
             ax.invert_yaxis()
