@@ -143,7 +143,8 @@ class Ring:
         checked is what the caller gets.  If that check meets a corrupted
         entry, the good entries before it are delivered (and counted), the
         records from it on are zeroed in *out*, and it stays in the ring
-        (:class:`RingCorruptedError` if it is the first).  The GIL is
+        (:class:`RingCorruptedError` if it is the first).  *out* must not
+        overlap the ring's own memory (ValueError).  The GIL is
         released around a copy that may exceed 64 KiB; a smaller one takes
         less time than releasing and retaking it.
         """

@@ -113,6 +113,13 @@ def _writable_view(obj: Any, needs: str) -> memoryview:
         return view.cast("B")
 
 
+def _address(view: memoryview) -> int:
+    """The address of a non-empty writable byte view's first byte."""
+    # The temporary c_char holds an export of view; it dies at once, so that
+    # the view (and the caller's buffer behind it) can be released.
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
 class Entry:
     """One coalesced write, as the consumer delivers it (immutable); see ``_ring.pyi``."""
 
@@ -208,15 +215,14 @@ class Ring:
                     raise ValueError(f"size={size} must be between {MIN_RING_SIZE} and the "
                                      f"buffer's {view.nbytes} bytes")
             slots = ring_max(size)
-            # The temporary c_char holds an export of view; it dies at once so
-            # that release() can let go of the caller's buffer.
-            address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+            address = _address(view)
             if address % _INDEX.size:
                 raise ValueError(f"Ring buffer at {address:#x} is not 4-byte aligned")
         except BaseException:
             view.release()
             raise
         self._view: memoryview | None = view
+        self._address = address
         self._max = slots
         self._nbytes = size
         self._legacy = bool(legacy_full_check)
@@ -417,6 +423,10 @@ class Ring:
         """Copy pending entries into *out* as raw 24-byte ABI records; return how many."""
         self._live()
         with _writable_view(out, "out must be") as dst:
+            # As in the C core, which copies the batch, then checks it in out.
+            if dst.nbytes and (_address(dst) < self._address + self._nbytes
+                               and self._address < _address(dst) + dst.nbytes):
+                raise ValueError("drain_into(): out overlaps the ring's own memory")
             with self._consumer() as view:
                 if view is None:
                     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -197,8 +198,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if not args.scale > 0:
-        raise ValueError("--scale must be positive")
+    if not 0 < args.scale < math.inf:
+        raise ValueError("--scale must be a positive number")
     return bench.main(args.only, args.skip, args.scale, args.json, args.plot, args.check,
                       args.benchmarks, args.quiet)
 

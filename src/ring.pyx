@@ -497,8 +497,10 @@ cdef class Ring:
             self._live = False
             kc_ring_set_notifier(&self._r, -1, NULL)
             PyBuffer_Release(&self._view)
-        # The copied mutex may be locked by a thread that does not exist here.
+        # The copied mutexes may be locked by a thread that does not exist here.
         pthread_mutex_init(&self._plock, NULL)
+        pthread_mutex_init(&self._lock, NULL)
+        self._owner = 0
 
     def __enter__(self):
         self._check_live()
@@ -587,6 +589,11 @@ cdef class Ring:
         self._check_live()
         _get_writable_buffer(out, &view, "drain_into()")
         try:
+            # The batch is copied in one go, then checked where it landed:
+            # that must be memory of the caller's, not the ring it reads.
+            if (<char *>view.buf < <char *>self._view.buf + self._nbytes and
+                    <char *>self._view.buf < <char *>view.buf + view.len):
+                raise ValueError("drain_into(): out overlaps the ring's own memory")
             if not self._enter_consumer():
                 return 0
             try:

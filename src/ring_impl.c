@@ -98,10 +98,10 @@ size_t kc_ring_drain_into(const kc_ring *r, void *out, size_t n, int *status,
     head = r->max - first;
     if (head > n)
         head = n;
-    /* memmove: nothing stops a caller passing a buffer that overlaps the ring. */
-    memmove(dst, kc_slot(r, first), head * KC_ENTRY_SIZE);
+    /* out must not overlap the ring: Ring.drain_into refuses such a buffer. */
+    memcpy(dst, kc_slot(r, first), head * KC_ENTRY_SIZE);
     if (n > head)
-        memmove(dst + head * KC_ENTRY_SIZE, kc_slot(r, 0), (n - head) * KC_ENTRY_SIZE);
+        memcpy(dst + head * KC_ENTRY_SIZE, kc_slot(r, 0), (n - head) * KC_ENTRY_SIZE);
     /*
      * Check and mask every copy without a branch per entry; only a batch
      * with a bad entry in it goes round again to find the first one.

@@ -106,8 +106,9 @@ def test_json_to_stdout_and_one_section():
 def test_bad_arguments_are_refused_clearly(tmp_path):
     bad = _bench("--only", "nonsense", check=False)
     assert bad.returncode == 2 and "invalid choice: 'nonsense'" in bad.stderr
-    bad = _bench("--scale", "0", check=False)
-    assert bad.returncode == 1 and "--scale must be positive" in bad.stderr
+    for scale in ("0", "inf", "nan"):
+        bad = _bench("--scale", scale, check=False)
+        assert bad.returncode == 1 and "--scale must be a positive number" in bad.stderr
     bad = _bench("--benchmarks", str(tmp_path), "--quiet", check=False)
     assert bad.returncode == 1 and "found none at" in bad.stderr
 

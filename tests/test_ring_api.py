@@ -210,6 +210,21 @@ def test_drain_into_a_large_batch_wrapping_round(impl, nbytes):
     assert len(ring) == 0 and ring.first == ring.last == (start + ring.capacity) % ring.max
 
 
+def test_drain_into_refuses_an_out_buffer_overlapping_the_ring(impl):
+    buf = bytearray(4096 + 240)
+    ring = impl.Ring(buf, size=4096)
+    for i in range(5):
+        assert ring.push(0x1000 + i, b"\x01")
+    view = memoryview(buf)
+    for out in (view[8:8 + 48], view[4000:4096 + 24], view):
+        with pytest.raises(ValueError, match="overlaps the ring"):
+            ring.drain_into(out)
+    assert len(ring) == 5                       # nothing consumed
+    assert ring.drain_into(view[4096:]) == 5    # past the ring's size: the caller's memory
+    assert view[4096:4096 + 8] == (0x1000).to_bytes(8, "little")
+    view.release()
+
+
 def test_drain_into_zeroes_stale_data_past_len(impl):
     buf = bytearray(4096)
     ring = impl.Ring(buf)
