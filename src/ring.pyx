@@ -17,7 +17,8 @@ from cpython.ref cimport Py_DECREF
 from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from libc.string cimport memcmp, memcpy, memset
-from posix.unistd cimport sysconf, _SC_PAGESIZE
+from posix.fcntl cimport fcntl, F_DUPFD_CLOEXEC
+from posix.unistd cimport close, sysconf, _SC_PAGESIZE
 
 from ring_impl cimport *
 from kvm_abi cimport *
@@ -244,8 +245,16 @@ cdef class Ring:
     # The producer side's lock, the kernel's per-ring spinlock: push() and
     # EmulatedVm.write (which runs without the GIL) take it.
     cdef pthread_mutex_t _plock
+    # _sleep() polls a duplicate of the notifier eventfd that the ring owns,
+    # so that CoalescedBuffer.close() in another thread can close its own fd
+    # while a consumer sleeps without that number being reused under it; the
+    # last sleeper out of a released ring closes it.  Both fields change
+    # only with the GIL held.
+    cdef int _sleep_fd
+    cdef int _sleepers
 
     def __cinit__(self):
+        self._sleep_fd = -1
         pthread_mutex_init(&self._lock, NULL)
         pthread_mutex_init(&self._plock, NULL)
 
@@ -287,6 +296,8 @@ cdef class Ring:
             PyBuffer_Release(&self._view)
         pthread_mutex_destroy(&self._lock)
         pthread_mutex_destroy(&self._plock)
+        if self._sleep_fd >= 0:
+            close(self._sleep_fd)
 
     cdef inline int _check_live(self) except -1:
         if not self._live:
@@ -354,15 +365,28 @@ cdef class Ring:
         """Signal *efd* on pushes; the shared signalled word is at *offset* in the buffer.
 
         Internal to CoalescedBuffer, which owns the eventfd and detaches it
-        (release()) before closing it.
+        (release()) before closing it.  _sleep() polls a duplicate of it.
         """
+        cdef int sleep_fd
         self._check_live()
         if offset < self._nbytes or offset > self._view.len - 4 or offset % 4:
             raise ValueError(f"notifier word at offset {offset} is not an aligned word "
                              f"past the ring ({self._nbytes} of {self._view.len} bytes)")
+        if self._sleep_fd >= 0:
+            raise RuntimeError("the ring already has a notifier")
+        sleep_fd = fcntl(efd, F_DUPFD_CLOEXEC, 0)
+        if sleep_fd < 0:
+            PyErr_SetFromErrno(OSError)
+        self._sleep_fd = sleep_fd
         pthread_mutex_lock(&self._plock)
         kc_ring_set_notifier(&self._r, efd, <uint32_t *>(<char *>self._view.buf + offset))
         pthread_mutex_unlock(&self._plock)
+
+    cdef void _close_sleep_fd(self):
+        """Once released and with no sleeper left: close the ring's eventfd duplicate."""
+        if self._sleep_fd >= 0 and self._sleepers == 0 and not self._live:
+            close(self._sleep_fd)
+            self._sleep_fd = -1
 
     cdef int _enter_exclusive(self, str what) except -1:
         """Take the consumer lock for reset/release, which a handler must not call."""
@@ -460,6 +484,7 @@ cdef class Ring:
             pthread_mutex_unlock(&self._plock)
         if was_live:
             PyBuffer_Release(&self._view)
+        self._close_sleep_fd()
         pthread_mutex_unlock(&self._lock)
 
     def _sleep(self, int timeout_ms):
@@ -473,11 +498,14 @@ cdef class Ring:
         cdef int rc, efd
         cdef uint32_t first, bad = 0
         self._check_live()
-        efd = self._r.efd
+        efd = self._sleep_fd
         if efd < 0:
             raise ValueError("the ring has no notifier eventfd to sleep on")
+        self._sleepers += 1
         with nogil:
             rc = kc_wait_readable(efd, timeout_ms)
+        self._sleepers -= 1
+        self._close_sleep_fd()
         if rc < 0:
             if errno != EINTR:
                 PyErr_SetFromErrno(OSError)
@@ -501,6 +529,8 @@ cdef class Ring:
         pthread_mutex_init(&self._plock, NULL)
         pthread_mutex_init(&self._lock, NULL)
         self._owner = 0
+        self._sleepers = 0      # the sleepers were the parent's threads
+        self._close_sleep_fd()
 
     def __enter__(self):
         self._check_live()

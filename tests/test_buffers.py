@@ -333,6 +333,41 @@ def test_close_from_another_thread_wakes_waiters():
     assert not t.is_alive() and "closed" in str(errors[0])
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_close_while_threads_sleep_reuses_no_fd_under_them():
+    """The sleepers poll the ring's own duplicate of the eventfd: close() closes the
+    buffer's fds at once, fd numbers get reused, and the sleepers still wake and leave;
+    the last one out closes the duplicate."""
+    before = _open_fds()
+    buf = CoalescedBuffer()
+    errors = []
+
+    def sleeper():
+        try:
+            buf.wait()
+        except ValueError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sleeper) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    buf.close()
+    reused = [os.eventfd(0) for _ in range(4)]   # likely the numbers close() just freed
+    try:
+        for t in threads:
+            t.join(5)
+        assert not any(t.is_alive() for t in threads)
+        assert len(errors) == 3 and all("closed" in str(e) for e in errors)
+    finally:
+        for fd in reused:
+            os.close(fd)
+    assert _open_fds() == before
+
+
 def test_wait_inside_a_handler_is_refused_and_close_is_refused_there_too(buf):
     buf.ring.push(1, b"x")
     caught = []
