@@ -315,17 +315,21 @@ def test_fork_child_cannot_touch_the_parents_ring(buf):
     assert [e.data for e in buf.ring.drain()] == [b"parent", b"attached"]
 
 
-def test_close_from_another_thread_wakes_waiters():
-    buf = CoalescedBuffer()
-    errors = []
-
-    def sleeper():
+def _sleeper(buf: CoalescedBuffer, errors: list) -> threading.Thread:
+    """A thread that waits on *buf* until close() wakes it with ValueError (into *errors*)."""
+    def sleep() -> None:
         try:
             buf.wait()
         except ValueError as exc:
             errors.append(exc)
 
-    t = threading.Thread(target=sleeper)
+    return threading.Thread(target=sleep)
+
+
+def test_close_from_another_thread_wakes_waiters():
+    buf = CoalescedBuffer()
+    errors = []
+    t = _sleeper(buf, errors)
     t.start()
     time.sleep(0.05)
     buf.close()
@@ -344,14 +348,7 @@ def test_close_while_threads_sleep_reuses_no_fd_under_them():
     before = _open_fds()
     buf = CoalescedBuffer()
     errors = []
-
-    def sleeper():
-        try:
-            buf.wait()
-        except ValueError as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=sleeper) for _ in range(3)]
+    threads = [_sleeper(buf, errors) for _ in range(3)]
     for t in threads:
         t.start()
     time.sleep(0.05)
