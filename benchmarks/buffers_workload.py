@@ -151,7 +151,8 @@ class ProducerWorkload:
     ``vm_write_batch`` (``EmulatedVm.write``) and ``ring_push_batch``
     (``Ring.push``) make the same writes, to the same addresses, into the
     same ring, in the same plain ``for`` loop; ``empty_loop`` is that loop
-    alone.  ``reset`` is the untimed setup before each call: it checks that
+    alone; ``ring_push_many_batch`` pushes the same writes as raw records in
+    one ``Ring.push_many`` call.  ``reset`` is the untimed setup before each call: it checks that
     the previous call published exactly one batch (``first == 0``, ``last ==
     PRODUCER_BATCH``), then empties the ring.  Nothing consumes the ring, so
     its wakeup stays signalled and neither path makes the eventfd system
@@ -181,6 +182,11 @@ class ProducerWorkload:
         push, data = self.ring.push, self.data
         for addr in self.addrs:
             push(addr, data)
+
+    def ring_push_many_batch(self) -> None:
+        """The same writes as raw records, in one ``Ring.push_many`` call."""
+        if self.ring.push_many(self.expected) != self.batch:
+            raise AssertionError("push_many refused part of a batch that fits the ring")
 
     def empty_loop(self) -> None:
         for _addr in self.addrs:
@@ -216,6 +222,9 @@ class ProducerWorkload:
                 if one(addr, self.data) is not True:
                     raise AssertionError(f"{name} refused a write at {addr:#x}")
             self.check_contents()
+        self.ring.reset()
+        self.ring_push_many_batch()
+        self.check_contents()
         assert self.vm.write(ZONE_BASE + 4 * self.batch, self.data) is False  # outside the zone
         self.ring.reset()
         self._armed = False
@@ -936,6 +945,37 @@ class KvmcoalTransfer(Transfer):
         self.buf.close()
 
 
+@contextlib.contextmanager
+def _kvmcoal_batch_producer(buf: CoalescedBuffer, n: int) -> Iterator[Callable[[], None]]:
+    records = [record(i) for i in range(n)]
+    push_many, yield_ = buf.ring.push_many, os.sched_yield
+
+    def flush(batch: list[bytes]) -> None:
+        data = memoryview(b"".join(batch))
+        pushed = push_many(data)
+        while pushed < len(batch):                 # the ring is full: let the consumer run
+            yield_()
+            pushed += push_many(data[pushed * RECORD_BYTES:])
+
+    yield functools.partial(_send_in_batches, records, flush)
+
+
+class KvmcoalBatchTransfer(KvmcoalTransfer):
+    """:class:`KvmcoalTransfer` with the producer batching as the pipe's does.
+
+    The producer gathers TRANSFER_BATCH records, then pushes them with one
+    ``Ring.push_many`` call (one producer lock, at most one wakeup), as the
+    ``os.pipe`` producer joins them into one ``write``.
+    """
+
+    producer = _kvmcoal_batch_producer
+
+    @property
+    def label(self) -> str:
+        return (f"kvmcoal push_many of {TRANSFER_BATCH}, {self.buf.size}-byte ring "
+                f"({self.buf.ring.capacity} entries)")
+
+
 class _ListTransfer(Transfer):
     """A transfer whose consumer collects the records as bytes objects in a list."""
 
@@ -1219,11 +1259,12 @@ class ZmqTransfer(_ListTransfer):
             shutil.rmtree(self._dir, ignore_errors=True)
 
 
-# The mechanisms compared, by key: kvmcoal (one-page ring, and a 64 KiB one
-# for reference), then the peers.
+# The mechanisms compared, by key: kvmcoal (one-page ring, a 64 KiB one for
+# reference, and the one-page ring fed by push_many), then the peers.
 TRANSFERS: dict[str, Callable[..., Transfer]] = {
     "kvmcoal": KvmcoalTransfer,
     "kvmcoal_64k": functools.partial(KvmcoalTransfer, ring_bytes=65536),
+    "kvmcoal_batch": KvmcoalBatchTransfer,
     "queue": QueueTransfer,
     "pipe": PipeTransfer,
     "faster_fifo": FasterFifoTransfer,

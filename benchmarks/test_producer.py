@@ -61,6 +61,12 @@ def test_ring_push(benchmark, producer):
     _check_rounds(benchmark, producer)
 
 
+def test_ring_push_many(benchmark, producer):
+    """``Ring.push_many``: the same writes as raw records, in one call."""
+    _run(benchmark, producer, producer.ring_push_many_batch, setup=producer.reset)
+    _check_rounds(benchmark, producer)
+
+
 def test_loop_alone_reference(benchmark, producer):
     """Reference only: the same loop with no write, the floor of both figures."""
     _run(benchmark, producer, producer.empty_loop, setup=None)

@@ -127,6 +127,19 @@ class Ring:
         and the write must take the ordinary exit path instead.  *data* is 1
         to 8 bytes.
         """
+    def push_many(self, records: Buffer) -> int:
+        """Push raw 24-byte ABI records in order, each as :meth:`push` would.
+
+        *records* is a C-contiguous buffer of whole records in the layout
+        :meth:`drain_into` writes (a numpy array of
+        :data:`kvmcoal.ENTRY_DTYPE`, bytes, a memoryview).  Every record is
+        checked first (len 1 to 8, pio 0 or 1; ValueError names the first
+        bad one, and nothing is pushed); then they are pushed under one
+        producer lock with at most one wakeup, stopping at the first the
+        kernel would refuse.  Returns how many were pushed: fewer than given
+        when the ring filled, and the rest are the caller's to retry or to
+        deliver another way.  Data bytes past each record's len are ignored.
+        """
     def pop(self) -> Entry | None:
         """Consume and return the oldest entry, or None if the ring is empty."""
     def drain(self, limit: int | None = None) -> list[Entry]:

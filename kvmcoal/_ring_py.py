@@ -97,14 +97,16 @@ def _check_limit(limit: int | None) -> int | None:
     return limit
 
 
-def _writable_view(obj: Any, needs: str) -> memoryview:
-    """A flat, writable byte view of *obj*; *needs* starts the error messages."""
+def _byte_view(obj: Any, needs: str, writable: bool = True) -> memoryview:
+    """A flat, writable (or, with *writable* false, any) byte view of *obj*;
+    *needs* starts the error messages."""
     try:
         view = memoryview(obj)
     except TypeError:
-        raise TypeError(f"{needs} a writable bytes-like object, not {_typename(obj)}") from None
+        raise TypeError(f"{needs} a {'writable ' if writable else ''}bytes-like object, "
+                        f"not {_typename(obj)}") from None
     with view:
-        if view.readonly:
+        if writable and view.readonly:
             raise TypeError(f"{needs} a writable bytes-like object, and this one is read-only")
         if not view.c_contiguous:
             raise ValueError(f"{needs} a C-contiguous buffer")
@@ -199,7 +201,7 @@ class Ring:
 
     def __init__(self, buffer: Any, *, size: int | None = None,
                  legacy_full_check: bool = False) -> None:
-        view = _writable_view(buffer, "Ring needs")
+        view = _byte_view(buffer, "Ring needs")
         try:
             if view.nbytes < MIN_RING_SIZE:
                 raise ValueError(f"Ring buffer of {view.nbytes} bytes is smaller than the "
@@ -354,6 +356,27 @@ class Ring:
         _INDEX.pack_into(view, _LAST_OFFSET, (insert + 1) % self._max)
         return True
 
+    def push_many(self, records: Any) -> int:
+        """Push raw 24-byte records in order, each as :meth:`push` would; how many it took."""
+        self._live()
+        with _byte_view(records, "push_many() needs", writable=False) as src:
+            raw = src.tobytes()
+        if len(raw) % ENTRY_SIZE:
+            raise ValueError(f"push_many() needs whole 24-byte records, not {len(raw)} bytes")
+        batch = list(_ENTRY.iter_unpack(raw))
+        # Every record is checked before any is pushed: bad input pushes nothing.
+        for i, (_phys_addr, length, pio, _data) in enumerate(batch):
+            if not (1 <= length <= _MAX_DATA and pio in (0, 1)):
+                raise ValueError(
+                    f"push_many(): record {i} has len={length} and pio={pio}; "
+                    f"expected len 1 to {_MAX_DATA} and pio 0 or 1")
+        done = 0
+        for phys_addr, length, pio, data in batch:
+            if not self.push(phys_addr, data[:length], pio=bool(pio)):
+                break
+            done += 1
+        return done
+
     # -- consumer ----------------------------------------------------------
 
     def _begin(self, view: memoryview) -> tuple[int, int]:
@@ -422,7 +445,7 @@ class Ring:
     def drain_into(self, out: Any) -> int:
         """Copy pending entries into *out* as raw 24-byte ABI records; return how many."""
         self._live()
-        with _writable_view(out, "out must be") as dst:
+        with _byte_view(out, "out must be") as dst:
             # As in the C core, which copies the batch, then checks it in out.
             if dst.nbytes and (_address(dst) < self._address + self._nbytes
                                and self._address < _address(dst) + dst.nbytes):

@@ -53,26 +53,29 @@ def ring_max(nbytes):
 RING_MAX = ring_max(PAGE_SIZE)
 
 
-cdef int _get_writable_buffer(object obj, Py_buffer *view, str what) except -1:
-    """Export obj as a writable C-contiguous buffer, or say exactly why not."""
+cdef int _get_writable_buffer(object obj, Py_buffer *view, str what,
+                              bint writable=True) except -1:
+    """Export obj as a writable (or, with writable=False, any) C-contiguous
+    buffer, or say exactly why not."""
+    cdef int flags = PyBUF_C_CONTIGUOUS | (PyBUF_WRITABLE if writable else 0)
     try:
-        PyObject_GetBuffer(obj, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+        PyObject_GetBuffer(obj, view, flags)
         return 0
     except (BufferError, TypeError, ValueError):
         pass
     try:
         probe = memoryview(obj)
     except TypeError:
-        raise TypeError(f"{what} needs a writable bytes-like object, "
-                        f"not {type(obj).__name__!r}") from None
+        raise TypeError(f"{what} needs a {'writable ' if writable else ''}bytes-like "
+                        f"object, not {type(obj).__name__!r}") from None
     with probe:
-        if probe.readonly:
+        if writable and probe.readonly:
             raise TypeError(f"{what} needs a writable buffer; "
                             f"this {type(obj).__name__!r} is read-only")
         if not probe.c_contiguous:
             raise ValueError(f"{what} needs a C-contiguous buffer")
-    # Writable and contiguous, yet the export failed: report the exporter's reason.
-    PyObject_GetBuffer(obj, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+    # Usable, yet the export failed: report the exporter's reason.
+    PyObject_GetBuffer(obj, view, flags)
     return 0
 
 
@@ -195,10 +198,11 @@ cdef int _check_signal(int err) except -1:
     return 0
 
 
-# drain_into keeps the GIL for a copy of at most this many bytes (a one-page
-# ring holds 4 KiB): such a copy takes less time than dropping and retaking it.
+# drain_into and push_many keep the GIL for a batch of at most this many
+# bytes (a one-page ring holds 4 KiB): copying it takes less time than
+# dropping the GIL and taking it back.
 cdef enum:
-    _DRAIN_WITH_GIL_BYTES = 64 * 1024
+    _BATCH_WITH_GIL_BYTES = 64 * 1024
 
 
 cdef object _corrupted(const kc_ring *r, int status, uint32_t bad, uint32_t index):
@@ -553,6 +557,58 @@ cdef class Ring:
             _check_signal(err)
         return rc == KC_PUSH_OK
 
+    def push_many(self, records):
+        """Push raw 24-byte records in order, each as the kernel would; how many it took."""
+        cdef Py_buffer view
+        cdef size_t n, i, done = 0
+        cdef int status = KC_OK, err = 0
+        cdef uint32_t length, pio
+        cdef bint must_signal = False
+        self._check_live()
+        _get_writable_buffer(records, &view, "push_many()", False)
+        try:
+            if view.len % KC_ENTRY_SIZE:
+                raise ValueError(f"push_many() needs whole 24-byte records, not "
+                                 f"{view.len} bytes")
+            n = <size_t>view.len // KC_ENTRY_SIZE
+            # Every record is checked before any is pushed: bad input pushes nothing.
+            for i in range(n):
+                kc_record_fields(<const unsigned char *>view.buf + i * KC_ENTRY_SIZE,
+                                 &length, &pio)
+                if kc_fields_bad(length, pio):
+                    raise ValueError(
+                        f"push_many(): record {i} has len={length} and pio={pio}; "
+                        f"expected len 1 to {KC_MAX_DATA} and pio 0 or 1")
+            if n * KC_ENTRY_SIZE <= _BATCH_WITH_GIL_BYTES:
+                done = self._produce_many(view.buf, n, &status, &must_signal)
+            else:
+                with nogil:
+                    done = self._produce_many(view.buf, n, &status, &must_signal)
+            if must_signal:
+                with nogil:
+                    err = self._signal()
+        finally:
+            PyBuffer_Release(&view)
+        _check_signal(err)
+        if status < 0:
+            raise ValueError(f"push_many(): record {done} changed while it was pushed")
+        return done
+
+    cdef size_t _produce_many(self, const void *records, size_t n, int *status,
+                              bint *must_signal) noexcept nogil:
+        """_produce for a batch: one lock, one wakeup; returns how many were pushed."""
+        cdef size_t done = 0
+        must_signal[0] = False
+        pthread_mutex_lock(&self._plock)
+        if not self._live:
+            status[0] = KC_PUSH_RELEASED
+        else:
+            done = kc_ring_push_records(&self._r, records, n, self._legacy, status)
+            if done:
+                must_signal[0] = kc_ring_claim_wakeup(&self._r)
+        pthread_mutex_unlock(&self._plock)
+        return done
+
     def pop(self):
         """Consume and return the oldest entry, or None if the ring is empty."""
         cdef uint32_t first, bad = 0
@@ -628,7 +684,7 @@ cdef class Ring:
                 return 0
             try:
                 fits = <size_t>view.len // KC_ENTRY_SIZE
-                if min(fits, <size_t>self._r.max - 1) * KC_ENTRY_SIZE <= _DRAIN_WITH_GIL_BYTES:
+                if min(fits, <size_t>self._r.max - 1) * KC_ENTRY_SIZE <= _BATCH_WITH_GIL_BYTES:
                     # Releasing and retaking the GIL (about 60 ns here, and
                     # a wait of up to the switch interval when another thread
                     # takes it meanwhile) would cost more than the copy.

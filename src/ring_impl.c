@@ -69,6 +69,28 @@ int kc_ring_push(const kc_ring *r, uint64_t phys_addr, const void *data, uint32_
     return KC_PUSH_OK;
 }
 
+size_t kc_ring_push_records(const kc_ring *r, const void *records, size_t n,
+                            int legacy_full_check, int *status)
+{
+    const unsigned char *src = records;
+    uint32_t bad;
+    size_t done;
+
+    *status = KC_OK;
+    for (done = 0; done < n; done++) {
+        kc_entry e;
+        /* A private copy: what is checked is what is pushed. */
+        memcpy(&e, src + done * KC_ENTRY_SIZE, KC_ENTRY_SIZE);
+        *status = kc_check_copy(e.len, e.pio, &bad);
+        if (*status != KC_OK)
+            break;
+        *status = kc_ring_push(r, e.phys_addr, e.data, e.len, e.pio, legacy_full_check);
+        if (*status != KC_PUSH_OK)
+            break;
+    }
+    return done;
+}
+
 size_t kc_ring_drain_into(const kc_ring *r, void *out, size_t n, int *status,
                           uint32_t *bad, uint32_t *bad_index)
 {

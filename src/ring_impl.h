@@ -277,6 +277,15 @@ int kc_wait_readable(int efd, int timeout_ms);
  */
 int kc_ring_push(const kc_ring *r, uint64_t phys_addr, const void *data, uint32_t len,
                  uint32_t pio, int legacy_full_check);
+/*
+ * kc_ring_push for each of n raw 24-byte records at *records (any alignment,
+ * the caller's memory), in order; stops at the first the kernel would refuse
+ * (*status: a kc_push_result) or whose len/pio is bad (*status: a kc_status,
+ * as the caller may have changed it since checking).  Returns how many were
+ * pushed; *status is KC_OK if all were.
+ */
+size_t kc_ring_push_records(const kc_ring *r, const void *records, size_t n,
+                            int legacy_full_check, int *status);
 
 /*
  * Batch consumer: copy up to n pending entries into out (raw ABI records),

@@ -461,3 +461,14 @@ def test_a_signal_during_wait_runs_its_handler_and_can_interrupt_it(buf):
         signal.signal(signal.SIGALRM, old)
     # The buffer still works.
     assert buf.ring.push(0x10, b"\x01") and buf.wait(1) is True
+
+
+def test_push_many_wakes_a_sleeping_consumer_once(buf):
+    records = b"".join((0x10 + i).to_bytes(8, "little") + (1).to_bytes(4, "little")
+                       + bytes(4) + bytes([i]) + bytes(7) for i in range(50))
+    timer = threading.Timer(0.05, lambda: buf.ring.push_many(records))
+    timer.start()
+    assert buf.wait(10) is True
+    timer.join()
+    assert [e.value for e in buf.ring.drain()] == list(range(50))
+    assert not buf.readable()      # the one wakeup was cleared by the drain

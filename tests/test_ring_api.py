@@ -210,6 +210,50 @@ def test_drain_into_a_large_batch_wrapping_round(impl, nbytes):
     assert len(ring) == 0 and ring.first == ring.last == (start + ring.capacity) % ring.max
 
 
+def test_push_many_pushes_records_as_push_would_until_the_ring_is_full(impl):
+    ring = impl.Ring(bytearray(4096))
+    records = np.zeros(200, dtype=kvmcoal.ENTRY_DTYPE)
+    records["phys_addr"] = 0xFE000000 + 8 * np.arange(200)
+    records["len"] = 1 + np.arange(200) % 8
+    records["pio"] = np.arange(200) % 3 == 0
+    records["data"] = 0xAB                      # bytes past len are ignored
+    assert ring.push_many(records) == ring.capacity        # then the ring was full
+    got = ring.drain()
+    assert [(e.phys_addr, e.len, e.pio, e.data) for e in got] == [
+        (0xFE000000 + 8 * i, 1 + i % 8, i % 3 == 0, b"\xab" * (1 + i % 8))
+        for i in range(ring.capacity)]
+    # Raw records out of drain_into go back in unchanged, from read-only bytes too.
+    assert ring.push_many(records[:5].tobytes()) == 5
+    out = bytearray(5 * 24)
+    assert ring.drain_into(out) == 5
+    assert ring.push_many(bytes(out)) == 5 and ring.drain() == [
+        impl.Entry(int(r["phys_addr"]), r["data"].tobytes()[:r["len"]], bool(r["pio"]))
+        for r in records[:5]]
+    assert ring.push_many(b"") == 0
+
+
+def test_push_many_checks_every_record_before_pushing_any(impl):
+    ring = impl.Ring(bytearray(4096))
+    records = np.zeros(10, dtype=kvmcoal.ENTRY_DTYPE)
+    records["len"] = 4
+    for field, value, shown in (("len", 0, "len=0"), ("len", 9, "len=9"), ("pio", 2, "pio=2")):
+        bad = records.copy()
+        bad[field][7] = value
+        with pytest.raises(ValueError, match=f"record 7 has .*{shown}"):
+            ring.push_many(bad)
+        assert len(ring) == 0
+    with pytest.raises(ValueError, match="whole 24-byte records, not 25 bytes"):
+        ring.push_many(bytes(25))
+    with pytest.raises(TypeError, match="bytes-like"):
+        ring.push_many([1, 2, 3])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ring.push_many(memoryview(bytes(48 * 2)).cast("B", (4, 24))[::2])
+    buf = bytearray(4096)
+    full = impl.Ring(buf)
+    set_indices(buf, 0, 200)                    # last out of range: the kernel refuses
+    assert full.push_many(records) == 0
+
+
 def test_drain_into_refuses_an_out_buffer_overlapping_the_ring(impl):
     buf = bytearray(4096 + 240)
     ring = impl.Ring(buf, size=4096)

@@ -33,6 +33,8 @@ def outcome(call):
         return ("corrupt", exc.field, exc.value, exc.index)
     except HandlerError as exc:
         return ("handler-raised", exc.args)
+    except ValueError as exc:
+        return ("bad-input", str(exc))
     if isinstance(result, list):
         return [(e.phys_addr, e.len, e.pio, e.data, e.value) for e in result]
     if result is not None and hasattr(result, "phys_addr"):
@@ -62,6 +64,17 @@ class RingPair(RuleBasedStateMachine):
         for i in range(times):
             if not self.both(lambda r: r.push((addr + i) % 2**64, data, pio=pio)):
                 break
+
+    @rule(records=st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(1, 8),
+                                     st.integers(0, 1), st.binary(min_size=8, max_size=8)),
+                           max_size=300),
+          bad_at=st.none() | st.integers(0, 299), bad_len=st.sampled_from([0, 9, 2**32 - 1]))
+    def push_many(self, records, bad_at, bad_len):
+        if bad_at is not None and bad_at < len(records):
+            addr, _len, pio, data = records[bad_at]
+            records[bad_at] = (addr, bad_len, pio, data)
+        raw = b"".join(struct.pack("<QII8s", *r) for r in records)
+        self.both(lambda r: r.push_many(raw))
 
     @rule()
     def pop(self):
