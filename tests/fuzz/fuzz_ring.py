@@ -1,10 +1,11 @@
 """atheris harness: arbitrary ring contents and call sequences against Ring and its twin.
 
 Every input builds a ring of an arbitrary size over arbitrary bytes, then runs
-an arbitrary sequence of producer, consumer and corruption steps on the C
-ring and on the pure-Python twin over identical copies.  Any crash, any
-exception other than RingCorruptedError, or any disagreement between the two
-(results or memory) is a finding.
+an arbitrary sequence of producer (push, push_many of arbitrary records),
+consumer and corruption steps on the C ring and on the pure-Python twin over
+identical copies.  Any crash, any exception other than RingCorruptedError
+(and push_many's ValueError for a bad record), or any disagreement between
+the two (results or memory) is a finding.
 
     python tests/fuzz/fuzz_ring.py -atheris_runs=20000      # the CI run
     python tests/fuzz/fuzz_ring.py -max_total_time=3600     # a long run
@@ -32,6 +33,14 @@ def outcome(call):
     return result
 
 
+def _bad_input_too(call):
+    """*call*'s result, or its ValueError's message (push_many refuses bad records)."""
+    try:
+        return call()
+    except ValueError as exc:
+        return ("bad-input", str(exc))
+
+
 def one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     nbytes = fdp.ConsumeIntInRange(32, 2048) & ~3
@@ -41,7 +50,7 @@ def one_input(data: bytes) -> None:
     rings = [_ring.Ring(bufs[0], legacy_full_check=legacy),
              _ring_py.Ring(bufs[1], legacy_full_check=legacy)]
     for _ in range(fdp.ConsumeIntInRange(0, 64)):
-        op = fdp.ConsumeIntInRange(0, 7)
+        op = fdp.ConsumeIntInRange(0, 8)
         if op == 0:
             addr, size = fdp.ConsumeIntInRange(0, 2**64 - 1), fdp.ConsumeIntInRange(1, 8)
             payload, pio = fdp.ConsumeBytes(size).ljust(size, b"\0"), fdp.ConsumeBool()
@@ -60,9 +69,12 @@ def one_input(data: bytes) -> None:
                 lambda a, d, p: seen.append((a, d, p)), limit), seen))([])
         elif op == 5:
             action = lambda r: r.reset()  # noqa: E731
+        elif op == 6:   # arbitrary raw records, bad ones included: the same count or error
+            raw = fdp.ConsumeBytes(24 * fdp.ConsumeIntInRange(0, 40))
+            action = lambda r: _bad_input_too(lambda: r.push_many(raw))  # noqa: E731
         else:   # a peer scribbles on the shared memory
             offset = fdp.ConsumeIntInRange(0, nbytes - 4) & ~3
-            value = fdp.ConsumeIntInRange(0, 2**32 - 1) if op == 6 else fdp.ConsumeIntInRange(0, 12)
+            value = fdp.ConsumeIntInRange(0, 2**32 - 1) if op == 7 else fdp.ConsumeIntInRange(0, 12)
             for buf in bufs:
                 buf[offset:offset + 4] = value.to_bytes(4, "little")
             continue
