@@ -61,7 +61,7 @@ def kvm_set_user_memory_region(int vmfd, uint32_t slot, uint64_t guest_phys_addr
     """
     cdef Py_buffer view
     cdef kvm_userspace_memory_region region
-    _get_writable_buffer(memory, &view, "guest memory")
+    _get_buffer(memory, &view, "guest memory")
     region.slot = slot
     region.flags = flags
     region.guest_phys_addr = guest_phys_addr
@@ -145,7 +145,7 @@ cdef class KvmRunView:
     cdef bint _live
 
     def __init__(self, mapping):
-        _get_writable_buffer(mapping, &self._view, "KvmRunView")
+        _get_buffer(mapping, &self._view, "KvmRunView")
         if <size_t>self._view.len < sizeof(kvm_run):
             PyBuffer_Release(&self._view)
             raise ValueError(f"a vCPU mapping of {self._view.len} bytes cannot hold "

@@ -53,7 +53,7 @@ def ring_max(nbytes):
 RING_MAX = ring_max(PAGE_SIZE)
 
 
-cdef int _get_writable_buffer(object obj, Py_buffer *view, str what,
+cdef int _get_buffer(object obj, Py_buffer *view, str what,
                               bint writable=True) except -1:
     """Export obj as a writable (or, with writable=False, any) C-contiguous
     buffer, or say exactly why not."""
@@ -267,7 +267,7 @@ cdef class Ring:
         cdef int rc
         if self._live:
             raise RuntimeError("Ring.__init__ called on a live ring")
-        _get_writable_buffer(buffer, &self._view, "Ring")
+        _get_buffer(buffer, &self._view, "Ring")
         try:
             nbytes = self._view.len
             if size is not None:
@@ -565,7 +565,7 @@ cdef class Ring:
         cdef uint32_t length, pio
         cdef bint must_signal = False
         self._check_live()
-        _get_writable_buffer(records, &view, "push_many()", False)
+        _get_buffer(records, &view, "push_many()", writable=False)
         try:
             if view.len % KC_ENTRY_SIZE:
                 raise ValueError(f"push_many() needs whole 24-byte records, not "
@@ -673,7 +673,7 @@ cdef class Ring:
         cdef int status = KC_OK
         cdef uint32_t bad = 0, bad_index = 0
         self._check_live()
-        _get_writable_buffer(out, &view, "drain_into()")
+        _get_buffer(out, &view, "drain_into()")
         try:
             # The batch is copied in one go, then checked where it landed:
             # that must be memory of the caller's, not the ring it reads.
