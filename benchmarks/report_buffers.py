@@ -181,7 +181,7 @@ THROUGHPUT_RATIOS = [
 ]
 # How the ratios name the mechanisms.
 SHORT_NAMES = {"kvmcoal": "kvmcoal", "kvmcoal_64k": "kvmcoal 64 KiB",
-               "kvmcoal_batch": "kvmcoal push_many", "queue": "Queue",
+               "kvmcoal_batch": "kvmcoal push_many 64 KiB", "queue": "Queue",
                "pipe": "os.pipe", "faster_fifo": "faster-fifo", "zmq": "pyzmq"}
 
 
