@@ -1267,7 +1267,7 @@ class ZmqTransfer(_ListTransfer):
 
 
 # The mechanisms compared, by key: kvmcoal (one-page ring, a 64 KiB one for
-# reference, and the one-page ring fed by push_many), then the peers.
+# reference, and a 64 KiB ring fed by push_many), then the peers.
 TRANSFERS: dict[str, Callable[..., Transfer]] = {
     "kvmcoal": KvmcoalTransfer,
     "kvmcoal_64k": functools.partial(KvmcoalTransfer, ring_bytes=65536),

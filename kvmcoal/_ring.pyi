@@ -139,6 +139,10 @@ class Ring:
         kernel would refuse.  Returns how many were pushed: fewer than given
         when the ring filled, and the rest are the caller's to retry or to
         deliver another way.  Data bytes past each record's len are ignored.
+        *records* must not overlap the ring's own memory (ValueError).  Each
+        record is checked again as it is pushed, on a private copy: if
+        another thread changes one meanwhile, the count says how many went
+        in, and pushing the rest again reports the bad record.
         """
     def pop(self) -> Entry | None:
         """Consume and return the oldest entry, or None if the ring is empty."""

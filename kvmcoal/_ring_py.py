@@ -360,6 +360,12 @@ class Ring:
         """Push raw 24-byte records in order, each as :meth:`push` would; how many it took."""
         self._live()
         with _byte_view(records, "push_many() needs", writable=False) as src:
+            # (ctypes finds the address of writable memory only; a read-only
+            # view of the ring's own memory goes unnoticed here.)
+            if src.nbytes and not src.readonly and (
+                    _address(src) < self._address + self._nbytes
+                    and self._address < _address(src) + src.nbytes):
+                raise ValueError("push_many(): records overlap the ring's own memory")
             raw = src.tobytes()
         if len(raw) % ENTRY_SIZE:
             raise ValueError(f"push_many() needs whole 24-byte records, not {len(raw)} bytes")

@@ -170,12 +170,16 @@ class CoalescedBuffer:
         self._memfd = memfd
         self._efd = efd
         self._ring_nbytes = ring_nbytes
+        ring = None
         try:
-            self._ring = _ring.Ring(self._map, size=ring_nbytes)
-            self._ring._attach_notifier(efd, control + _SIGNALED_OFFSET)
+            ring = _ring.Ring(self._map, size=ring_nbytes)
+            ring._attach_notifier(efd, control + _SIGNALED_OFFSET)
         except BaseException:
+            if ring is not None:
+                ring.release()   # its export of the map first, or the map cannot close
             self._map.close()
             raise
+        self._ring = ring
         self._closed = False
         self._pid = os.getpid()
         self._on_close: list[Any] = []

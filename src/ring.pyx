@@ -560,9 +560,9 @@ cdef class Ring:
     def push_many(self, records):
         """Push raw 24-byte records in order, each as the kernel would; how many it took."""
         cdef Py_buffer view
-        cdef size_t n, i, done = 0
+        cdef size_t n, bad_at, done = 0
         cdef int status = KC_OK, err = 0
-        cdef uint32_t length, pio
+        cdef uint32_t length = 0, pio = 0
         cdef bint must_signal = False
         self._check_live()
         _get_buffer(records, &view, "push_many()", writable=False)
@@ -570,28 +570,38 @@ cdef class Ring:
             if view.len % KC_ENTRY_SIZE:
                 raise ValueError(f"push_many() needs whole 24-byte records, not "
                                  f"{view.len} bytes")
+            # Records read from the ring's own memory would read what this
+            # call has just written there.
+            if (<const char *>view.buf < <char *>self._view.buf + self._nbytes and
+                    <char *>self._view.buf < <const char *>view.buf + view.len):
+                raise ValueError("push_many(): records overlap the ring's own memory")
             n = <size_t>view.len // KC_ENTRY_SIZE
-            # Every record is checked before any is pushed: bad input pushes nothing.
-            for i in range(n):
-                kc_record_fields(<const unsigned char *>view.buf + i * KC_ENTRY_SIZE,
-                                 &length, &pio)
-                if kc_fields_bad(length, pio):
-                    raise ValueError(
-                        f"push_many(): record {i} has len={length} and pio={pio}; "
-                        f"expected len 1 to {KC_MAX_DATA} and pio 0 or 1")
-            if n * KC_ENTRY_SIZE <= _BATCH_WITH_GIL_BYTES:
-                done = self._produce_many(view.buf, n, &status, &must_signal)
+            # Every record is checked before any is pushed: bad input pushes
+            # nothing.  Pushing checks each again, on a private copy.
+            if min(n, <size_t>self._r.max) * KC_ENTRY_SIZE <= _BATCH_WITH_GIL_BYTES:
+                bad_at = kc_records_first_bad(view.buf, n, &length, &pio)
+                if bad_at == n:
+                    done = self._produce_many(view.buf, n, &status, &must_signal)
             else:
                 with nogil:
-                    done = self._produce_many(view.buf, n, &status, &must_signal)
+                    bad_at = kc_records_first_bad(view.buf, n, &length, &pio)
+                    if bad_at == n:
+                        done = self._produce_many(view.buf, n, &status, &must_signal)
+            if bad_at < n:
+                raise ValueError(
+                    f"push_many(): record {bad_at} has len={length} and pio={pio}; "
+                    f"expected len 1 to {KC_MAX_DATA} and pio 0 or 1")
             if must_signal:
                 with nogil:
                     err = self._signal()
         finally:
             PyBuffer_Release(&view)
         _check_signal(err)
-        if status < 0:
-            raise ValueError(f"push_many(): record {done} changed while it was pushed")
+        if status < 0 and done == 0:
+            # The caller changed the first record after it was checked.
+            raise ValueError("push_many(): record 0 changed while it was pushed")
+        # A later record changed meanwhile: those before it are in the ring,
+        # and the count says so; a retry of the rest reports the bad one.
         return done
 
     cdef size_t _produce_many(self, const void *records, size_t n, int *status,

@@ -91,6 +91,19 @@ size_t kc_ring_push_records(const kc_ring *r, const void *records, size_t n,
     return done;
 }
 
+size_t kc_records_first_bad(const void *records, size_t n, uint32_t *len, uint32_t *pio)
+{
+    const unsigned char *src = records;
+    size_t i;
+
+    for (i = 0; i < n; i++) {
+        kc_record_fields(src + i * KC_ENTRY_SIZE, len, pio);
+        if (kc_fields_bad(*len, *pio))
+            break;
+    }
+    return i;
+}
+
 size_t kc_ring_drain_into(const kc_ring *r, void *out, size_t n, int *status,
                           uint32_t *bad, uint32_t *bad_index)
 {

@@ -286,6 +286,11 @@ int kc_ring_push(const kc_ring *r, uint64_t phys_addr, const void *data, uint32_
  */
 size_t kc_ring_push_records(const kc_ring *r, const void *records, size_t n,
                             int legacy_full_check, int *status);
+/*
+ * The index of the first of n raw records whose len or pio is bad (its
+ * values in *len and *pio), or n if all are good.
+ */
+size_t kc_records_first_bad(const void *records, size_t n, uint32_t *len, uint32_t *pio);
 
 /*
  * Batch consumer: copy up to n pending entries into out (raw ABI records),

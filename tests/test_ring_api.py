@@ -252,6 +252,10 @@ def test_push_many_checks_every_record_before_pushing_any(impl):
     full = impl.Ring(buf)
     set_indices(buf, 0, 200)                    # last out of range: the kernel refuses
     assert full.push_many(records) == 0
+    set_indices(buf, 3, 3)
+    with pytest.raises(ValueError, match="overlap the ring"):
+        full.push_many(memoryview(buf)[8 + 24 * 2:8 + 24 * 5])
+    assert len(full) == 0
 
 
 def test_drain_into_refuses_an_out_buffer_overlapping_the_ring(impl):
@@ -407,3 +411,35 @@ def test_consume_with_repeated_addresses_and_values(impl):
     seen = []
     ring.consume(lambda a, d, p: seen.append((a, d)))
     assert seen == writes
+
+
+def test_push_many_counts_exactly_what_went_in_while_another_thread_changes_records():
+    """Each call either raises with nothing pushed or returns how many are in the ring."""
+    ring = kvmcoal.Ring(bytearray(8 + 24 * 4001))          # 3000 records: pushed without the GIL
+    records = np.zeros(3000, dtype=kvmcoal.ENTRY_DTYPE)
+    records["len"] = 8
+    stop = threading.Event()
+
+    def flip():
+        while not stop.is_set():
+            records["len"][2000] = 0
+            records["len"][2000] = 8
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        outcomes = set()
+        for _ in range(300):
+            try:
+                got = ring.push_many(records)
+            except ValueError:
+                got = 0
+                outcomes.add("refused")
+            else:
+                outcomes.add(got)
+            assert len(ring) == got
+            ring.reset()
+    finally:
+        stop.set()
+        flipper.join()
+    assert outcomes <= {"refused", 2000, 3000}
