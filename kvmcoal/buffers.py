@@ -294,7 +294,12 @@ class CoalescedBuffer:
                 return False
 
     async def wait_async(self) -> None:
-        """Await entries in the ring (asyncio; the event loop watches the eventfd)."""
+        """Await entries in the ring (asyncio; the event loop watches the eventfd).
+
+        Several tasks may await one buffer at once; a :meth:`close` from
+        any thread wakes them all with ValueError.  Cancelling the task
+        unregisters its reader.
+        """
         self._check()
         loop = asyncio.get_running_loop()
         ring = self._ring
@@ -309,11 +314,23 @@ class CoalescedBuffer:
                 if not ready.done():
                     ready.set_result(None)
 
-            loop.add_reader(self._efd, on_readable)
+            # The loop watches a duplicate of the eventfd that this await
+            # owns, not self._efd: two tasks awaiting one buffer would
+            # replace each other's reader on one number, and a close() from
+            # another thread would free that number under the loop.
             try:
-                await ready
+                fd = ring._dup_notifier_fd()
+            except ValueError:
+                self._check()   # closed by another thread just now: say so
+                raise
+            try:
+                loop.add_reader(fd, on_readable)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(fd)
             finally:
-                loop.remove_reader(self._efd)
+                os.close(fd)
             self._check()
 
     async def batches(self, limit: int | None = None) -> AsyncIterator[list[_ring.Entry]]:

@@ -519,6 +519,25 @@ cdef class Ring:
             return False
         return kc_ring_begin(&self._r, &first, &bad) != 0
 
+    def _dup_notifier_fd(self):
+        """A new close-on-exec duplicate of the notifier eventfd; the caller closes it.
+
+        For waiters that hand an fd to somebody else's poller (asyncio's
+        add_reader): each registers its own number, which neither a
+        concurrent CoalescedBuffer.close() nor another waiter's
+        remove_reader can take away from under it.  Dups the ring's own
+        duplicate, which only a GIL holder closes, so it is never a
+        recycled number.
+        """
+        cdef int fd
+        self._check_live()
+        if self._sleep_fd < 0:
+            raise ValueError("the ring has no notifier eventfd")
+        fd = fcntl(self._sleep_fd, F_DUPFD_CLOEXEC, 0)
+        if fd < 0:
+            PyErr_SetFromErrno(OSError)
+        return fd
+
     def _consuming_here(self):
         """Whether the calling thread is inside a consumer call (a consume handler)."""
         return self._owner == PyThread_get_thread_ident()

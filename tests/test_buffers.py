@@ -365,6 +365,63 @@ def test_close_while_threads_sleep_reuses_no_fd_under_them():
     assert _open_fds() == before
 
 
+def test_tasks_awaiting_one_buffer_all_wake(buf):
+    """Each await registers its own duplicate of the eventfd with the loop, so two
+    tasks on one buffer do not replace each other's reader."""
+    async def main():
+        waiters = [asyncio.ensure_future(buf.wait_async()) for _ in range(3)]
+        await asyncio.sleep(0.02)             # all three are registered and asleep
+        threading.Timer(0.02, buf.ring.push, (1, b"a")).start()
+        await asyncio.wait_for(asyncio.gather(*waiters), 5)
+
+    before = _open_fds()
+    asyncio.run(main())
+    assert _open_fds() == before              # every await closed its duplicate
+
+
+def test_close_from_another_thread_wakes_async_waiters_and_reuses_no_fd_under_them():
+    before = _open_fds()
+    buf = CoalescedBuffer()
+    reused: list[int] = []
+
+    def close_and_reuse_the_numbers():
+        buf.close()
+        reused.extend(os.eventfd(0) for _ in range(4))
+
+    async def main():
+        waiters = [asyncio.ensure_future(buf.wait_async()) for _ in range(2)]
+        await asyncio.sleep(0.02)
+        threading.Timer(0.02, close_and_reuse_the_numbers).start()
+        return await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 5)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        for fd in reused:
+            os.close(fd)
+    assert len(results) == 2
+    assert all(isinstance(r, ValueError) and "closed" in str(r) for r in results), results
+    assert _open_fds() == before
+
+
+def test_cancelled_wait_async_leaves_no_reader_or_fd(buf):
+    async def main():
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(buf.wait_async())
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        buf.ring.push(1, b"a")                # a reader left behind would run now
+        await asyncio.sleep(0.02)
+        assert not loop._selector.get_map() or all(   # only the loop's own self-pipe
+            key.fd == loop._ssock.fileno() for key in loop._selector.get_map().values())
+
+    before = _open_fds()
+    asyncio.run(main())
+    assert _open_fds() == before
+
+
 def test_wait_inside_a_handler_is_refused_and_close_is_refused_there_too(buf):
     buf.ring.push(1, b"x")
     caught = []
