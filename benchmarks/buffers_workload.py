@@ -50,12 +50,17 @@ from collections.abc import Callable, Iterator
 import kvmcoal
 from kvmcoal import CoalescedBuffer, EmulatedVm, Zone
 
+if __package__:
+    from .knobs import env_count
+else:  # imported by a script run from benchmarks/
+    from knobs import env_count
+
 # Timed calls per producer benchmark (each call makes PRODUCER_BATCH writes).
-PRODUCER_ROUNDS = int(os.environ.get("KVMCOAL_BENCH_PRODUCER_ROUNDS", "1000"))
+PRODUCER_ROUNDS = env_count("KVMCOAL_BENCH_PRODUCER_ROUNDS", 1000)
 # Paced round trips per wake-latency benchmark.
-ROUND_TRIPS = int(os.environ.get("KVMCOAL_BENCH_ROUND_TRIPS", "2000"))
+ROUND_TRIPS = env_count("KVMCOAL_BENCH_ROUND_TRIPS", 2000)
 # Records per transfer.
-RECORDS = int(os.environ.get("KVMCOAL_BENCH_RECORDS", "200000"))
+RECORDS = env_count("KVMCOAL_BENCH_RECORDS", 200000)
 # Records per transfer when pytest-benchmark is disabled (smoke runs).
 SMOKE_RECORDS = 5000
 

@@ -1,4 +1,4 @@
-"""Consumer figures in one process, with timeit: the README's tables.
+"""Consumer figures in one process, with timeit: the tables in docs/BENCHMARKS.md.
 
     python benchmarks/report.py                       # tables
     python benchmarks/report.py --json                # the same figures as JSON
@@ -120,7 +120,7 @@ def measure(repeat: int, blocks: int, batches: Sequence[int] = BATCHES,
     """
     say = progress or (lambda message: None)
     full = RefilledRing()
-    say(f"full ring of {full.batch} entries")
+    say(f"consumer: full ring of {full.batch} entries")
     per_block, times, block_best, methods = time_batch(full, repeat, blocks,
                                                        with_empty_call=True)
     results = {}
@@ -145,7 +145,7 @@ def measure(repeat: int, blocks: int, batches: Sequence[int] = BATCHES,
             figures = {key: r for key, r in results.items()
                        if key != EMPTY_CALL and not r.get("missing")}
         else:
-            say(f"batches of {k}")
+            say(f"consumer: batches of {k}")
             _per_block, times, _block_best, batch_methods = time_batch(RefilledRing(k), repeat,
                                                                       blocks)
             figures = {m.key: timing_figures(m.label, times[m.key], "entries", k, "ring", "entry")

@@ -140,7 +140,8 @@ def report_parser(doc: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--check", action="store_true",
-                        help="exit with status 1 if a target is missed")
+                        help="exit with status 1 if a target is missed or cannot be judged "
+                             "(a peer or the C VMM missing)")
     return parser
 
 
@@ -148,13 +149,24 @@ def emit(report: dict, args: argparse.Namespace,
          format_table: Callable[[dict], str]) -> int:
     """Print *report* as a table (or JSON with ``--json``); the exit status.
 
-    That is 1 with ``--check`` if a ratio missed its target, else 0.
+    That is 1 with ``--check`` if a ratio missed its target or could not
+    be judged (see :func:`unjudged`), else 0.
     """
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
     else:
         print(format_table(report))
-    if args.check and any(r["met"] is False for r in report["ratios"]):
-        return 1
-    return 0
+    if not args.check:
+        return 0
+    missed = [r["name"] for r in report["ratios"] if r["met"] is False]
+    not_judged = unjudged(report["ratios"])
+    if not_judged:
+        print("--check: targets not judged: " + "; ".join(not_judged), file=sys.stderr)
+    return 1 if missed or not_judged else 0
+
+
+def unjudged(ratios: Iterable[dict]) -> list[str]:
+    """The ratios with a target but no verdict (a peer or the C VMM missing), with why."""
+    return [f"{r['name']} ({r.get('missing') or 'no figure'})" for r in ratios
+            if r.get("op") is not None and r.get("met") is None]

@@ -2,7 +2,7 @@
 
 The same guest makes the same stores (``KVMCOAL_BENCH_KVM_STORES``, default
 100,000: three per loop iteration, a 4-byte and a 2-byte MMIO store and a
-1-byte ``out``) four ways (see ``benchmarks/kvm_workload.py``):
+1-byte ``out``) five ways (see ``benchmarks/kvm_workload.py``):
 
 * ``python-coalesced``: ``Vcpu.run_loop`` with the MMIO page and the port
   registered as coalesced zones, delivering to a handler that checks each
@@ -35,16 +35,16 @@ with the reason, where /dev/kvm cannot be used.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
+from .knobs import env_count
 from .kvm_workload import (
     DEFAULT_STORES, SMOKE_STORES, CRun, CvmmServer, CvmmUnavailable, PythonRun, build_cvmm,
     iterations_for, kvm_unavailable, run_cvmm_once)
 
-STORES = int(os.environ.get("KVMCOAL_BENCH_KVM_STORES", str(DEFAULT_STORES)))
-ROUNDS = int(os.environ.get("KVMCOAL_BENCH_KVM_ROUNDS", "5"))
+STORES = env_count("KVMCOAL_BENCH_KVM_STORES", DEFAULT_STORES)
+ROUNDS = env_count("KVMCOAL_BENCH_KVM_ROUNDS", 5)
 WARMUP_ROUNDS = 1
 
 _REASON = kvm_unavailable()

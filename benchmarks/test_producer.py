@@ -39,7 +39,7 @@ def _run(benchmark, producer: ProducerWorkload, fn, *, setup) -> None:
     benchmark.extra_info["writes_per_call"] = producer.batch
     stats = getattr(benchmark, "stats", None)
     if stats is not None:  # None under --benchmark-disable
-        benchmark.extra_info["ns_per_write"] = stats.stats.mean / producer.batch * 1e9
+        benchmark.extra_info["ns_per_write"] = stats.stats.median / producer.batch * 1e9
 
 
 def _check_rounds(benchmark, producer: ProducerWorkload) -> None:

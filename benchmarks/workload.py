@@ -16,14 +16,18 @@ around the end), and a batch is sometimes split by the end of the ring.
 
 from __future__ import annotations
 
-import os
 import struct
 
 import kvmcoal
 
+if __package__:
+    from .knobs import env_count
+else:  # imported by a script run from benchmarks/
+    from knobs import env_count
+
 # Rounds per pytest benchmark (each round drains one full ring).
-ROUNDS = int(os.environ.get("KVMCOAL_BENCH_ROUNDS", "5000"))
-WARMUP_ROUNDS = int(os.environ.get("KVMCOAL_BENCH_WARMUP", "200"))
+ROUNDS = env_count("KVMCOAL_BENCH_ROUNDS", 5000)
+WARMUP_ROUNDS = env_count("KVMCOAL_BENCH_WARMUP", 200, least=0)
 
 # The partial batches, besides the full ring.
 BATCHES = (1, 8, 64)

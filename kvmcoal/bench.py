@@ -5,8 +5,8 @@ The measuring code lives in the source tree's ``benchmarks/`` directory
 baselines and the C programs they compile), not in the installed package:
 ``kvmcoal bench`` finds that directory, runs each report's ``measure`` with
 counts small enough for the whole run to take under a minute, and prints one
-table of each figure and of each ratio to its baseline, with the issue's
-target and the verdict.  The report scripts, run directly, take longer and
+table of each figure and of each ratio to its baseline, with the target
+kvmcoal sets itself and the verdict.  The report scripts, run directly, take longer and
 give steadier figures; ``docs/BENCHMARKS.md`` explains both.
 
 Sections (``--only``/``--skip``):
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -101,12 +102,8 @@ def run(sections: Iterable[str] = SECTIONS, *, scale: float = 1.0,
     for name in sections:
         if name not in SECTIONS:
             raise ValueError(f"unknown section {name!r}: choose from {', '.join(SECTIONS)}")
-
-        def step(message: str, _name: str = name) -> None:
-            say(f"{_name}: {message}")
-
-        step("starting")
-        out["sections"][name] = section = _MEASURE[name](mods, scale, step)
+        say(f"{name}: starting")      # the reports' own messages name their stage
+        out["sections"][name] = section = _MEASURE[name](mods, scale, say)
         for r in section.get("ratios", ()):
             if "met" not in r:
                 r["met"] = (None if r.get("missing") else
@@ -141,10 +138,8 @@ def _kvm(mods: dict[str, ModuleType], scale: float, step: Progress) -> dict:
     reason = report_kvm.kw.kvm_unavailable()
     if reason is not None:
         return {"skipped": f"/dev/kvm cannot be used: {reason}"}
-    try:
-        return report_kvm.measure(_count(60_000, scale, 300), 5, progress=step)
-    except report_kvm.kw.CvmmUnavailable as exc:
-        return {"skipped": str(exc)}
+    # Without gcc the Python VMM runs alone; the C VMM's rows say "missing".
+    return report_kvm.measure(_count(60_000, scale, 300), 5, progress=step)
 
 
 _MEASURE: dict[str, Callable[[dict[str, ModuleType], float, Progress], dict]] = {
@@ -222,27 +217,32 @@ def format_table(report: dict) -> str:
     lines = [f"kvmcoal bench: kvmcoal {meta['kvmcoal']} ({meta['ring_module']}), Python "
              f"{meta['python']}, {meta['machine']}; scale {meta['scale']:g}, "
              f"{meta.get('seconds', 0):.0f} s", ""]
-    ratios: list[tuple[str, dict]] = []
+    measured = {name: section for name, section in report["sections"].items()
+                if "skipped" not in section}
+    width = max((len(m["label"]) for section in measured.values()
+                 for m in _methods(section)), default=0)
+    ratios: list[dict] = []
     for name, section in report["sections"].items():
         if "skipped" in section:
             lines += [f"{name}: skipped: {section['skipped']}", ""]
             continue
         lines.append(f"{name}:")
-        lines += [f"    {m['label']:<60} {_figure(m)}" for m in _methods(section)]
+        lines += [f"    {m['label']:<{width}}  {_figure(m)}" for m in _methods(section)]
         if section.get("batches"):
             lines += _batch_rows(section["batches"])
         lines.append("")
-        ratios += [(name, r) for r in section.get("ratios", ())]
+        ratios += section.get("ratios", ())
     if ratios:
-        head = f"{'ratio':<52} {'value':>8} {'(range)':>15}  {'target':<8} result"
+        width = max(len("ratio"), *(len(r["name"]) for r in ratios))
+        head = f"{'ratio':<{width}} {'value':>8} {'(range)':>15}  {'target':<8} result"
         lines += [head, "-" * len(head)]
-        for _name, r in ratios:
+        for r in ratios:
             if r.get("missing"):
-                lines.append(f"{r['name']:<52} {'-':>8} {'':>15}  {'':<8} {_verdict(r)}")
+                lines.append(f"{r['name']:<{width}} {'-':>8} {'':>15}  {'':<8} {_verdict(r)}")
                 continue
             span = f"{r['blocks_min']:.2f}-{r['blocks_max']:.2f}x"
             target = "-" if r.get("op") is None else f"{r['op']} {r['target']:g}x"
-            lines.append(f"{r['name']:<52} {r['blocks']:>7.2f}x {span:>15}  {target:<8} "
+            lines.append(f"{r['name']:<{width}} {r['blocks']:>7.2f}x {span:>15}  {target:<8} "
                          f"{_verdict(r)}")
         lines += ["", "value: median over interleaved blocks of the within-block ratio; "
                   "range: lowest to highest block.",
@@ -260,11 +260,7 @@ _KVMCOAL_CONSUMERS = frozenset({"drain_into_numpy", "drain_into_bytearray", "dra
                                 "pop_loop", "iteration"})
 
 
-def plot(report: dict, path: str | Path) -> None:
-    """Draw ns/entry per consumer method and batch size, and guest stores/s, into *path*.
-
-    Needs matplotlib (``pip install 'kvmcoal[plot]'``).
-    """
+def _pyplot() -> ModuleType:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -272,9 +268,46 @@ def plot(report: dict, path: str | Path) -> None:
     except ImportError as exc:
         raise RuntimeError(f"--plot needs matplotlib (pip install 'kvmcoal[plot]'): {exc}") \
             from None
+    return plt
+
+
+def check_plot_path(path: str | Path, sections: Sequence[str]) -> None:
+    """Raise RuntimeError now, before measuring, if :func:`plot` could not write *path*."""
+    if not {"consumer", "kvm"} & set(sections):
+        raise RuntimeError("nothing to plot: --plot needs the consumer or the kvm section")
+    plt = _pyplot()
+    suffix = Path(path).suffix.lstrip(".").lower()
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if suffix not in formats:
+        kind = repr(suffix) if suffix else "a file without an extension"
+        raise RuntimeError(f"--plot {path}: matplotlib cannot write {kind}; use one of "
+                           + ", ".join(f".{f}" for f in sorted(formats)))
+    check_output_path(path, "--plot")
+
+
+def check_output_path(path: str | Path, option: str) -> None:
+    """Raise RuntimeError now, before measuring, if *path* cannot be written."""
+    target = Path(path)
+    if target.is_dir():
+        raise RuntimeError(f"{option} {path}: is a directory")
+    parent = target.parent
+    if not parent.is_dir():
+        raise RuntimeError(f"{option} {path}: the directory {parent} does not exist")
+    if not os.access(target if target.exists() else parent, os.W_OK):
+        raise RuntimeError(f"{option} {path}: not writable")
+
+
+def plot(report: dict, path: str | Path) -> None:
+    """Draw ns/entry per consumer method and batch size, and guest stores/s, into *path*.
+
+    Needs matplotlib (``pip install 'kvmcoal[plot]'``).
+    """
+    plt = _pyplot()
     sections = report["sections"]
     consumer = sections.get("consumer", {})
-    kvm_methods = sections.get("kvm", {}).get("methods", {})
+    kvm_methods = {key: m for key, m in sections.get("kvm", {}).get("methods", {}).items()
+                   if not m.get("missing")}
     panels = [p for p in ("batches", "kvm") if (consumer.get("batches") if p == "batches"
                                                  else kvm_methods)]
     if not panels:
@@ -350,8 +383,19 @@ class _ProgressLine:
 def main(only: Sequence[str] | None, skip: Sequence[str], scale: float, json_path: str | None,
          plot_path: str | None, check: bool, benchmarks: str | None = None,
          quiet: bool = False) -> int:
-    """``kvmcoal bench``'s body; the exit status (1 with *check* if a target was missed)."""
+    """``kvmcoal bench``'s body; the exit status.
+
+    With *check* it is 1 if a target was missed or could not be judged (a
+    section skipped, a peer or the C VMM missing).  Output paths and the
+    plot's needs are checked before anything is measured.
+    """
     sections = [s for s in (only or SECTIONS) if s not in skip]
+    if not sections:
+        raise RuntimeError("nothing to run: --only and --skip leave no section")
+    if json_path is not None and json_path != "-":
+        check_output_path(json_path, "--json")
+    if plot_path is not None:
+        check_plot_path(plot_path, sections)
     progress = None if quiet else _ProgressLine(sys.stderr)
     try:
         report = run(sections, scale=scale, benchmarks=benchmarks, progress=progress)
@@ -369,6 +413,14 @@ def main(only: Sequence[str] | None, skip: Sequence[str], scale: float, json_pat
                 f.write("\n")
     if plot_path is not None:
         plot(report, plot_path)
-    missed = [r["name"] for s in report["sections"].values() for r in s.get("ratios", ())
-              if r.get("met") is False]
-    return 1 if check and missed else 0
+    if not check:
+        return 0
+    ratios = [r for s in report["sections"].values() for r in s.get("ratios", ())]
+    missed = [r["name"] for r in ratios if r.get("met") is False]
+    not_judged = [f"{name} section (skipped: {s['skipped']})"
+                  for name, s in report["sections"].items() if "skipped" in s]
+    not_judged += load_reports(find_benchmarks(benchmarks))["reporting"].unjudged(ratios)
+    if not_judged:
+        print("kvmcoal bench --check: targets not judged: " + "; ".join(not_judged),
+              file=sys.stderr)
+    return 1 if missed or not_judged else 0

@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                            choices=bench.SECTIONS, help="leave this section out (repeatable)")
     bench_cmd.add_argument("--scale", type=float, default=1.0,
                            help="multiply every repeat and record count (default 1.0: about "
-                                "a minute; 0.1 for a smoke run)")
+                                "half a minute on 2 CPUs; 0.1 for a smoke run)")
     bench_cmd.add_argument("--json", metavar="FILE",
                            help="also write every figure as JSON to FILE ('-': JSON on stdout, "
                                 "no table)")
@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="draw ns/entry per method and batch size, and guest stores/s "
                                 "(needs matplotlib: pip install 'kvmcoal[plot]')")
     bench_cmd.add_argument("--check", action="store_true",
-                           help="exit with status 1 if a target is missed")
+                           help="exit with status 1 if a target is missed or cannot be judged "
+                                "(a section skipped, a peer or the C VMM missing)")
     bench_cmd.add_argument("--benchmarks", metavar="DIR",
                            help="the source tree's benchmarks/ directory (default: beside the "
                                 "package, else ./benchmarks)")

@@ -199,7 +199,12 @@ class Kvm:
     def __init__(self, path: str = DEVICE) -> None:
         self._fd = _open_kvm(path)
         try:
-            version = _ring.kvm_ioctl(self._fd, "KVM_GET_API_VERSION", 0)
+            try:
+                version = _ring.kvm_ioctl(self._fd, "KVM_GET_API_VERSION", 0)
+            except OSError as exc:   # ENOTTY: a file or another device at that path
+                raise KvmUnavailableError(
+                    f"{path} is not a KVM device ({exc.strerror})") \
+                    from None
             if version != ABI["KVM_API_VERSION"]:
                 raise KvmUnavailableError(
                     f"{path} speaks KVM API version {version}, "

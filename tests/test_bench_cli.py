@@ -8,6 +8,7 @@ skipped, with the reason, where it does not.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,70 @@ def test_table_marks_skipped_sections_and_missing_peers():
     text = bench.format_table(report)
     assert "kvm: skipped: /dev/kvm cannot be used: absent" in text
     assert "faster-fifo" in text and text.count("missing: No module") == 2
+
+
+def test_outputs_and_plot_are_checked_before_anything_is_measured(tmp_path):
+    """A bad --json/--plot path or a plot with nothing to draw fails at once, not after
+    a run's worth of measuring (no section ever starts)."""
+    cases = [
+        (["--plot", str(tmp_path / "no" / "dir" / "b.png")], "does not exist"),
+        (["--json", str(tmp_path)], "is a directory"),
+        (["--json", str(tmp_path / "no" / "x.json")], "does not exist"),
+        (["--only", "producer", "--skip", "producer"], "nothing to run"),
+    ]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        cases.append((["--plot", str(tmp_path / "b.png")], "needs matplotlib"))
+    else:
+        cases += [(["--plot", str(tmp_path / "b.bogus")], "cannot write 'bogus'"),
+                  (["--only", "producer", "--plot", str(tmp_path / "b.png")],
+                   "nothing to plot")]
+    for args, message in cases:
+        bad = _bench(*args, check=False)
+        assert bad.returncode == 1 and message in bad.stderr, (args, bad.stderr)
+        assert "starting" not in bad.stderr, args
+    assert not list(tmp_path.iterdir())
+
+
+def test_check_fails_when_a_target_cannot_be_judged(tmp_path):
+    """A peer that does not import leaves its target without a verdict: --check says
+    which, and fails, rather than passing on the targets that were judged."""
+    (tmp_path / "faster_fifo.py").write_text("raise ImportError('hidden by the test')\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "kvmcoal", "bench", "--only", "transfer", "--scale", "0.005",
+         "--quiet", "--check"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])})
+    assert run.returncode == 1
+    assert "targets not judged" in run.stderr and "faster-fifo" in run.stderr
+    assert "hidden by the test" in run.stdout          # the table says why it is missing
+
+
+def test_kvm_section_without_the_c_vmm_still_measures_the_python_vmm(monkeypatch):
+    """Where cvmm.c cannot be built (no gcc), only the C runs and the ratios against
+    them are missing; the Python VMM's runs and its coalescing target remain."""
+    reason = kvm.why_unavailable()
+    if reason is not None:
+        pytest.skip(f"/dev/kvm cannot be used here: {reason}")
+    reports = bench.load_reports(bench.find_benchmarks())
+    kw = reports["report_kvm"].kw
+
+    def no_gcc(*_args, **_kwargs):
+        raise kw.CvmmUnavailable("gcc is not installed (simulated by the test)")
+
+    monkeypatch.setattr(kw, "CvmmServer", no_gcc)
+    report = reports["report_kvm"].measure(300, 1)
+    methods = report["methods"]
+    assert methods["c_coalesced"]["missing"] == methods["c_uncoalesced"]["missing"]
+    assert "simulated" in methods["c_coalesced"]["missing"]
+    assert methods["python_coalesced"]["median_stores_per_s"] > 0
+    by_name = {r["name"]: r for r in report["ratios"]}
+    coalescing = by_name["stores/s: python coalesced / python uncoalesced"]
+    assert coalescing["met"] is not None and not coalescing.get("missing")
+    against_c = [r for r in report["ratios"] if "C " in r["name"]]
+    assert against_c and all(r["met"] is None and r["missing"] for r in against_c)
+    text = reports["report_kvm"].format_table(report)
+    assert "the C VMM is missing" in text and text.count("simulated") >= 2
+    assert report["python_minus_c_ns_per_store_coalesced"] is None

@@ -133,6 +133,16 @@ def test_permission_denied_says_how_to_fix_it():
     assert "permission denied" in message and "usermod -aG kvm" in message
 
 
+def test_a_path_that_is_not_kvm_is_reported_not_raised_as_oserror(tmp_path):
+    """A bind mount or a typo can put another file where /dev/kvm should be."""
+    for path, what in (("/dev/null", "not a KVM device"), (tmp_path, "cannot open"),
+                       (tmp_path / "none", "does not exist")):
+        with pytest.raises(kvm.KvmUnavailableError, match=what):
+            kvm.Kvm(str(path))
+        assert what in (kvm.why_unavailable(str(path)) or "")
+        assert not kvm.available(str(path))
+
+
 def test_protected_mode_reaches_mmio_above_1_mib(kvm_vm):
     load_guest(kvm_vm, "flat32", CODE)
     high = Zone(0xE0000000, 0x1000)
