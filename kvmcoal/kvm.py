@@ -25,11 +25,16 @@ is typed by hand here.
 
 from __future__ import annotations
 
+import errno
+import grp
 import mmap
 import os
+import stat
+import threading
+import warnings
 from dataclasses import dataclass
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _ring
 from ._ring import KvmRunView
@@ -58,6 +63,7 @@ __all__ = [
 ]
 
 ABI: dict[str, int] = _ring.KVM_ABI
+_Self = TypeVar("_Self", bound="_OwnsFd")
 DEVICE = "/dev/kvm"
 # Where real mode on Intel keeps its TSS; any unused guest-physical page range.
 _TSS_ADDR = 0xFFFBD000
@@ -73,10 +79,14 @@ _PTE_PRESENT_RW = 0x3
 _PTE_LARGE = 1 << 7
 _FLAT_SEGMENT = {"base": 0, "limit": 0xFFFFFFFF, "present": 1, "dpl": 0, "db": 1, "s": 1,
                  "l": 0, "g": 1, "avl": 0, "unusable": 0}
+_REAL_MODE_SEGMENT = {"limit": 0xFFFF, "present": 1, "dpl": 0, "db": 0, "s": 1, "l": 0, "g": 0,
+                      "avl": 0, "unusable": 0}
 
 
 def _le_bytes(value: int, size: int) -> bytes:
     """*value* as *size* little-endian bytes; the handler's excess high bits are dropped."""
+    if not isinstance(value, int):
+        raise TypeError(f"the read handler must return an int, not {type(value).__name__!r}")
     return (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
 
@@ -92,11 +102,26 @@ def _open_kvm(path: str) -> int:
             f"{path} does not exist: this host has no KVM (load the kvm_intel or "
             f"kvm_amd module, or enable nested virtualisation for this VM)") from None
     except PermissionError:
-        raise KvmUnavailableError(
-            f"permission denied opening {path}: add this user to the group that owns "
-            f"it (usually 'kvm': sudo usermod -aG kvm $USER, then log in again)") from None
+        raise KvmUnavailableError(f"permission denied opening {path}: "
+                                  f"{_how_to_get_access(path)}") from None
     except OSError as exc:
         raise KvmUnavailableError(f"cannot open {path}: {exc.strerror}") from None
+
+
+def _how_to_get_access(path: str) -> str:
+    """What a user who may not open *path* can do about it, from its owner and mode."""
+    try:
+        st = os.stat(path)
+        group = grp.getgrgid(st.st_gid).gr_name
+    except (OSError, KeyError):
+        group = None
+    if group is not None and group != "root" and st.st_mode & stat.S_IRWXG:
+        return (f"add this user to its group {group!r} (sudo usermod -aG {group} $USER, "
+                f"then log in again)")
+    mode = f"{stat.S_IMODE(st.st_mode):o}" if group is not None else "?"
+    return (f"it is owned by group {group or '?'} with mode {mode}, so only root may open it; "
+            f"run as root, or give it a kvm group (sudo groupadd -f kvm; sudo chgrp kvm "
+            f"{path}; sudo chmod 660 {path}; sudo usermod -aG kvm $USER, then log in again)")
 
 
 def why_unavailable(path: str = DEVICE) -> str | None:
@@ -193,10 +218,34 @@ class GuestError(KvmcoalError):
         self.exit = exit
 
 
-class Kvm:
+class _OwnsFd:
+    """Context manager use, and a close (with a ResourceWarning) when dropped open."""
+
+    _fd = -1
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _close_when_collected(self) -> None:
+        self.close()
+
+    def __enter__(self: _Self) -> _Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._fd >= 0:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self._close_when_collected()
+
+
+class Kvm(_OwnsFd):
     """An open /dev/kvm: capabilities and VM creation."""
 
     def __init__(self, path: str = DEVICE) -> None:
+        self.path = path
         self._fd = _open_kvm(path)
         try:
             try:
@@ -211,9 +260,9 @@ class Kvm:
                     f"kvmcoal needs {ABI['KVM_API_VERSION']}")
         except BaseException:
             os.close(self._fd)
+            self._fd = -1
             raise
         self.api_version: int = version
-        self.path = path
 
     def fileno(self) -> int:
         if self._fd < 0:
@@ -240,40 +289,51 @@ class Kvm:
         return _ring.kvm_ioctl(self.fileno(), "KVM_GET_VCPU_MMAP_SIZE", 0)
 
     def create_vm(self) -> Vm:
-        """A new, empty VM."""
+        """A new, empty VM.  It needs nothing more from this Kvm: closing it is fine."""
         return Vm(self)
 
     def close(self) -> None:
+        """Close /dev/kvm.  Idempotent; VMs made from it live on."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> Kvm:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __repr__(self) -> str:
+        return f"<Kvm {self.path} {'closed' if self._fd < 0 else f'fd={self._fd}'}>"
 
 
-class Vm:
-    """A VM: guest memory, coalesced zones, vCPUs and the kernel's ring."""
+class Vm(_OwnsFd):
+    """A VM: guest memory, coalesced zones, vCPUs and the kernel's ring.
+
+    Thread-safe: vCPUs run on any threads; ``close()`` refuses while one
+    is running (a guest must never write into memory that is unmapped).
+    """
 
     def __init__(self, kvm: Kvm) -> None:
         self.kvm = kvm
+        # The capabilities are read once: a VM does not need its Kvm open.
         self._ring_page = kvm.coalesced_mmio_page_offset
         self._has_pio = kvm.has_coalesced_pio
-        self._fd = _ring.kvm_ioctl(kvm.fileno(), "KVM_CREATE_VM", 0)
+        self._vcpu_mmap_size = kvm.vcpu_mmap_size
+        fd = _ring.kvm_ioctl(kvm.fileno(), "KVM_CREATE_VM", 0)
         try:
-            os.set_inheritable(self._fd, False)
+            os.set_inheritable(fd, False)
             if kvm.check_extension(ABI["KVM_CAP_SET_TSS_ADDR"]):
-                _ring.kvm_ioctl(self._fd, "KVM_SET_TSS_ADDR", _TSS_ADDR)
+                _ring.kvm_ioctl(fd, "KVM_SET_TSS_ADDR", _TSS_ADDR)
         except BaseException:
-            os.close(self._fd)
+            os.close(fd)
             raise
-        self._memory: list[tuple[int, mmap.mmap]] = []
+        self._fd = fd
+        # Guest memory: (guest address, the mmap, a view of it that pins it).  The
+        # pin makes mmap.close() and resize() refuse with BufferError while the
+        # kernel's slot points at the mapping, so the guest never writes into
+        # whatever the process maps there next.
+        self._memory: list[tuple[int, mmap.mmap, memoryview]] = []
         self._vcpus: list[Vcpu] = []
+        self._next_vcpu_id = 0     # the kernel keeps an id once KVM_CREATE_VCPU took it
         self._ring: _ring.Ring | None = None
         self._ring_map: mmap.mmap | None = None
+        self._lock = threading.Lock()   # the ring's creation, vCPU creation, close()
 
     def fileno(self) -> int:
         if self._fd < 0:
@@ -281,23 +341,30 @@ class Vm:
         return self._fd
 
     def add_memory(self, guest_phys_addr: int, size: int) -> mmap.mmap:
-        """Back [guest_phys_addr, +size) with new zeroed memory and return it."""
+        """Back [guest_phys_addr, +size) with new zeroed memory and return it.
+
+        The mapping belongs to the VM until :meth:`close`: closing or
+        resizing it before then raises BufferError, since the guest may
+        still write there.
+        """
         if size <= 0 or size % mmap.PAGESIZE or guest_phys_addr % mmap.PAGESIZE:
             raise ValueError(f"guest memory at {guest_phys_addr:#x} of {size:#x} bytes "
                              f"must be page-aligned and non-empty")
-        memory = mmap.mmap(-1, size, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
-        try:
-            _ring.kvm_set_user_memory_region(self.fileno(), len(self._memory),
-                                             guest_phys_addr, memory)
-        except BaseException:
-            memory.close()
-            raise
-        self._memory.append((guest_phys_addr, memory))
+        with self._lock:
+            memory = mmap.mmap(-1, size, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+            try:
+                _ring.kvm_set_user_memory_region(self.fileno(), len(self._memory),
+                                                 guest_phys_addr, memory)
+            except BaseException:
+                memory.close()
+                raise
+            self._memory.append((guest_phys_addr, memory, memoryview(memory)))
         return memory
 
     def memory(self, guest_phys_addr: int, size: int) -> memoryview:
         """A view of [guest_phys_addr, +size) of guest memory (one slot must back it all)."""
-        for base, memory in self._memory:
+        self.fileno()
+        for base, memory, _pin in self._memory:
             if base <= guest_phys_addr and guest_phys_addr + size <= base + len(memory):
                 return memoryview(memory)[guest_phys_addr - base:guest_phys_addr - base + size]
         raise ValueError(f"no memory slot backs [{guest_phys_addr:#x}, "
@@ -322,66 +389,114 @@ class Vm:
 
     def create_vcpu(self) -> Vcpu:
         """A new vCPU with the next free id."""
-        vcpu = Vcpu(self, len(self._vcpus))
-        self._vcpus.append(vcpu)
+        with self._lock:
+            vcpu_id = self._next_vcpu_id
+            try:
+                fd = _ring.kvm_ioctl(self.fileno(), "KVM_CREATE_VCPU", vcpu_id)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    raise KvmcoalError(
+                        f"the kernel refuses vCPU id {vcpu_id}: this VM has as many vCPUs "
+                        f"as it may (KVM_CAP_MAX_VCPUS)") from None
+                raise
+            self._next_vcpu_id += 1
+            vcpu = Vcpu(self, vcpu_id, fd)
+            self._vcpus.append(vcpu)
         return vcpu
 
     @property
     def ring(self) -> _ring.Ring:
-        """The VM-wide coalesced ring, mapped through the first vCPU's fd."""
-        if self._ring is None:
-            if not self._ring_page:
-                raise KvmUnavailableError("this kernel has no coalesced MMIO ring")
-            if not self._vcpus:
-                raise ValueError("the ring is mapped through a vCPU: create one first")
-            self._ring_map = mmap.mmap(self._vcpus[0].fileno(), mmap.PAGESIZE,
-                                       offset=self._ring_page * mmap.PAGESIZE)
-            self._ring = _ring.Ring(self._ring_map)
-        return self._ring
+        """The VM-wide coalesced ring, mapped through a vCPU's fd (one per VM)."""
+        ring = self._ring
+        if ring is not None:
+            return ring
+        with self._lock:    # two vCPU threads asking at once must get the same Ring
+            self.fileno()
+            if self._ring is None:
+                if not self._ring_page:
+                    raise KvmUnavailableError("this kernel has no coalesced MMIO ring")
+                open_vcpus = [v for v in self._vcpus if v._fd >= 0]
+                if not open_vcpus:
+                    raise ValueError("the ring is mapped through a vCPU: create one first")
+                self._ring_map = mmap.mmap(open_vcpus[0].fileno(), mmap.PAGESIZE,
+                                           offset=self._ring_page * mmap.PAGESIZE)
+                self._ring = _ring.Ring(self._ring_map)
+            return self._ring
 
     def close(self) -> None:
-        """Release the ring, close every vCPU, the VM fd and guest memory."""
-        if self._ring is not None:
-            self._ring.release()
-            self._ring = None
-        if self._ring_map is not None:
-            self._ring_map.close()
-            self._ring_map = None
-        for vcpu in self._vcpus:
-            vcpu.close()
-        self._vcpus.clear()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        for _base, memory in self._memory:
-            memory.close()
-        self._memory.clear()
+        """Release the ring, close every vCPU, the VM fd and guest memory.  Idempotent.
 
-    def __enter__(self) -> Vm:
-        return self
+        Raises RuntimeError, closing nothing, while a vCPU is inside ``run()``
+        or ``run_loop()`` on another thread.  Guest memory that the caller
+        still has views of stays mapped until the last view goes.
+        """
+        with self._lock:
+            claimed: list[Vcpu] = []
+            try:
+                for vcpu in self._vcpus:
+                    vcpu._claim("close its Vm")
+                    claimed.append(vcpu)
+                if self._ring is not None:
+                    self._ring.release()
+                    self._ring = None
+                if self._ring_map is not None:
+                    self._ring_map.close()
+                    self._ring_map = None
+                for vcpu in self._vcpus:
+                    vcpu._close_claimed()
+                self._vcpus.clear()
+                if self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd = -1
+                # No vCPU can run any more: unmapping guest memory is safe now.
+                for _base, memory, pin in self._memory:
+                    pin.release()
+                    try:
+                        memory.close()
+                    except BufferError:
+                        pass   # the caller's views keep it mapped; it goes with them
+                self._memory.clear()
+            finally:
+                for vcpu in claimed:
+                    vcpu._run_lock.release()
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __repr__(self) -> str:
+        if self._fd < 0:
+            return "<Vm closed>"
+        return f"<Vm fd={self._fd} vcpus={len(self._vcpus)} memory slots={len(self._memory)}>"
 
 
-class Vcpu:
-    """A vCPU: registers, KVM_RUN and its typed exits."""
+class Vcpu(_OwnsFd):
+    """A vCPU: registers, KVM_RUN and its typed exits.  Made by :meth:`Vm.create_vcpu`.
 
-    def __init__(self, vm: Vm, vcpu_id: int) -> None:
+    One thread at a time may be in :meth:`run` or :meth:`run_loop`; another
+    thread's call raises RuntimeError, and so does :meth:`close` from
+    another thread while it runs.
+    """
+
+    def __init__(self, vm: Vm, vcpu_id: int, fd: int) -> None:
         self.vm = vm
         self.id = vcpu_id
-        self._fd = _ring.kvm_ioctl(vm.fileno(), "KVM_CREATE_VCPU", vcpu_id)
+        self._fd = fd
         try:
-            os.set_inheritable(self._fd, False)
-            self._map = mmap.mmap(self._fd, vm.kvm.vcpu_mmap_size)
+            os.set_inheritable(fd, False)
+            self._map = mmap.mmap(fd, vm._vcpu_mmap_size)
             try:
                 self._run = KvmRunView(self._map)
             except BaseException:
                 self._map.close()
                 raise
         except BaseException:
-            os.close(self._fd)
+            os.close(fd)
+            self._fd = -1
             raise
+        # Held by the thread in run()/run_loop(); re-entrant, so a handler
+        # (or a signal handler) on that thread may still close this vCPU.
+        self._run_lock = threading.RLock()
+        # run_loop's exit not yet fully delivered when a handler raised, and
+        # how far it got (writes of an OUT handed over; values of an IN read).
+        self._undelivered: Exit | None = None
+        self._progress: list[int] = []
         self.exit_count = 0
         """KVM_RUN returns so far: each one an exit to userspace."""
 
@@ -389,6 +504,11 @@ class Vcpu:
         if self._fd < 0:
             raise ValueError("operation on a closed Vcpu")
         return self._fd
+
+    def _claim(self, what: str) -> None:
+        if not self._run_lock.acquire(blocking=False):
+            raise RuntimeError(f"vCPU {self.id} is running in another thread: cannot {what} "
+                               f"until its run() or run_loop() returns")
 
     def get_regs(self) -> dict[str, int]:
         return _ring.kvm_get_regs(self.fileno())
@@ -404,26 +524,35 @@ class Vcpu:
         """Change special registers; segments field by field (see kvm_set_sregs)."""
         _ring.kvm_set_sregs(self.fileno(), changes)
 
+    def _mode_registers(self, segments: dict[str, dict[str, int]], *, cr0_set: int = 0,
+                        cr4_set: int = 0, efer: int = 0, **more: int) -> None:
+        """Set every segment, and CR0/CR4/EFER from scratch for the mode, whatever it was."""
+        sregs = self.get_sregs()
+        self.set_sregs({**segments,
+                        "cr0": (sregs["cr0"] & ~(_CR0_PE | _CR0_PG)) | cr0_set,
+                        "cr4": (sregs["cr4"] & ~_CR4_PAE) | cr4_set,
+                        "efer": efer, **more})
+
     def setup_real_mode(self, ip: int, *, segments: dict[str, int] | None = None,
                         **regs: int) -> None:
-        """Start in 16-bit real mode at cs=0, ip=*ip*.
+        """Start in 16-bit real mode at cs=0, ip=*ip*, from whatever mode it was in.
 
         *segments* maps segment names ("ds", "es", ...) to selectors (base =
         selector * 16); *regs* sets general-purpose registers.
         """
         selectors = {"cs": 0, "ds": 0, "es": 0, "fs": 0, "gs": 0, "ss": 0}
         selectors.update(segments or {})
-        self.set_sregs({name: {"selector": sel, "base": sel * 16}
-                        for name, sel in selectors.items()})
+        self._mode_registers({name: dict(_REAL_MODE_SEGMENT, selector=sel, base=sel * 16,
+                                         type=0xB if name == "cs" else 0x3)
+                              for name, sel in selectors.items()})
         self.set_regs(rip=ip, rflags=0x2, **regs)
 
     def setup_protected_mode(self, ip: int, **regs: int) -> None:
         """Start in 32-bit flat protected mode at eip=*ip*: 4 GiB segments, no paging."""
         code = dict(_FLAT_SEGMENT, selector=0x08, type=0xB)
         data = dict(_FLAT_SEGMENT, selector=0x10, type=0x3)
-        sregs = self.get_sregs()
-        self.set_sregs({"cs": code, "ds": data, "es": data, "fs": data, "gs": data, "ss": data,
-                        "cr0": sregs["cr0"] | _CR0_PE})
+        self._mode_registers({"cs": code, "ds": data, "es": data, "fs": data, "gs": data,
+                              "ss": data}, cr0_set=_CR0_PE)
         self.set_regs(rip=ip, rflags=0x2, **regs)
 
     def setup_long_mode(self, ip: int, *, page_tables: int = 0x8000, **regs: int) -> None:
@@ -440,22 +569,31 @@ class Vcpu:
         tables[512] = pd | _PTE_PRESENT_RW
         for i in range(512):
             tables[1024 + i] = (i << 21) | _PTE_PRESENT_RW | _PTE_LARGE
+        tables.release()
         code = dict(_FLAT_SEGMENT, selector=0x08, type=0xB, db=0, l=1)
         data = dict(_FLAT_SEGMENT, selector=0x10, type=0x3)
-        sregs = self.get_sregs()
-        self.set_sregs({"cs": code, "ds": data, "es": data, "fs": data, "gs": data, "ss": data,
-                        "cr3": pml4, "cr4": sregs["cr4"] | _CR4_PAE,
-                        "cr0": sregs["cr0"] | _CR0_PE | _CR0_PG, "efer": _EFER_LME | _EFER_LMA})
+        self._mode_registers({"cs": code, "ds": data, "es": data, "fs": data, "gs": data,
+                              "ss": data}, cr0_set=_CR0_PE | _CR0_PG, cr4_set=_CR4_PAE,
+                             efer=_EFER_LME | _EFER_LMA, cr3=pml4)
         self.set_regs(rip=ip, rflags=0x2, **regs)
 
     def run(self) -> Exit:
         """Enter the guest until it exits to userspace; return the exit.
 
         A signal that interrupts KVM_RUN runs its Python handler and the vCPU
-        is entered again, unless the handler raised.
+        is entered again, unless the handler raised (or closed the vCPU).
+        Raises RuntimeError if another thread is running this vCPU.
         """
-        fd = self.fileno()
-        while not _ring.kvm_run_vcpu(fd):
+        self._claim("run it")
+        try:
+            return self._enter()
+        finally:
+            self._run_lock.release()
+
+    def _enter(self) -> Exit:
+        """KVM_RUN until an exit to userspace; the caller holds ``_run_lock``."""
+        # fileno() each time round: a signal handler may have closed the vCPU.
+        while not _ring.kvm_run_vcpu(self.fileno()):
             pass
         self.exit_count += 1
         return self._decode_exit()
@@ -466,43 +604,82 @@ class Vcpu:
 
         Writes, from the ring and from exits, go to ``write(addr, data, pio)``
         in guest order; MMIO loads and ``in`` are answered by
-        ``read(addr, size, pio)``.  After **every** KVM_RUN return the VM's
-        ring is drained into *write* *before* the exit is handled, so a write
-        that exited, and any read, comes after all the writes the guest made
-        earlier.  Several vCPUs may run their loops on several threads: the
-        ring's consumer lock makes each drain deliver its entries exactly
-        once, in ring order, and a vCPU's drain waits for one in progress.
-        *drain*, if given, replaces the default drain (``ring.consume(write)``)
-        after every KVM_RUN: a Bus passes its flush, which drains its other
-        rings too.  Raises GuestError for an exit it cannot continue from.
+        ``read(addr, size, pio)``, which returns an int.  After **every**
+        KVM_RUN return the VM's ring is drained into *write* *before* the
+        exit is handled, so a write that exited, and any read, comes after
+        all the writes the guest made earlier.  Several vCPUs may run their
+        loops on several threads: the ring's consumer lock makes each drain
+        deliver its entries exactly once, in ring order, and a vCPU's drain
+        waits for one in progress.  *drain*, if given, replaces the default
+        drain (``ring.consume(write)``) after every KVM_RUN: a Bus passes
+        its flush, which drains its other rings too.  Raises GuestError for
+        an exit it cannot continue from.
+
+        If a handler raises, the exception propagates and nothing is lost
+        or repeated: a write handed to ``write`` counts as delivered (as in
+        ``Ring.consume``); the rest of the ring stays in it; an exit not yet
+        fully delivered (a read not yet answered, the writes of an ``out``
+        not yet handed over) is kept, and the next ``run_loop`` call drains
+        the ring and finishes it before it enters the guest again.
         """
-        if drain is None and self.vm.kvm.coalesced_mmio_page_offset:
+        self._claim("run it")
+        try:
+            return self._loop(write, read, drain)
+        finally:
+            self._run_lock.release()
+
+    def _loop(self, write: WriteHandler, read: ReadHandler,
+              drain: Callable[[], object] | None) -> HltExit:
+        if drain is None and self.vm._ring_page:
             ring = self.vm.ring
 
             def drain() -> object:
                 return ring.consume(write)
         while True:
-            exit_ = self.run()
-            if drain is not None:
-                drain()
-            if isinstance(exit_, MmioExit):
-                if exit_.is_write:
-                    write(exit_.phys_addr, exit_.data, False)
-                else:
-                    value = read(exit_.phys_addr, exit_.len, False)
-                    self.complete_mmio_read(_le_bytes(value, exit_.len))
-            elif isinstance(exit_, IoExit):
-                if exit_.is_out:
-                    for i in range(0, exit_.size * exit_.count, exit_.size):
-                        write(exit_.port, exit_.data[i:i + exit_.size], True)
-                else:
-                    self.complete_io_in(b"".join(
-                        _le_bytes(read(exit_.port, exit_.size, True), exit_.size)
-                        for _ in range(exit_.count)))
-            elif isinstance(exit_, HltExit):
-                return exit_
+            # An exit a raising handler left, else a new one.  Until it is fully
+            # delivered, an exception puts it back (locals here, not attributes:
+            # this runs once per exit, and uncoalesced that is once per store).
+            exit_ = self._undelivered
+            if exit_ is None:
+                exit_ = self._enter()
+                done: list[int] = []
             else:
-                raise GuestError(exit_)
+                self._undelivered, done = None, self._progress
+            pending = True
+            try:
+                if drain is not None:
+                    drain()
+                if isinstance(exit_, MmioExit):
+                    if exit_.is_write:
+                        pending = False        # handed over: delivered, even if write raises
+                        write(exit_.phys_addr, exit_.data, False)
+                    else:
+                        self.complete_mmio_read(
+                            _le_bytes(read(exit_.phys_addr, exit_.len, False), exit_.len))
+                        pending = False
+                elif isinstance(exit_, IoExit):
+                    size, count = exit_.size, exit_.count
+                    if exit_.is_out:
+                        while len(done) < count:
+                            i = len(done) * size
+                            done.append(i)
+                            pending = len(done) < count
+                            write(exit_.port, exit_.data[i:i + size], True)
+                        pending = False        # (count 0: nothing to hand over)
+                    else:
+                        while len(done) < count:
+                            done.append(read(exit_.port, size, True))
+                        self.complete_io_in(b"".join(_le_bytes(v, size) for v in done))
+                        pending = False
+                elif isinstance(exit_, HltExit):
+                    return exit_
+                else:
+                    pending = False
+                    raise GuestError(exit_)
+            except BaseException:
+                if pending:
+                    self._undelivered, self._progress = exit_, done
+                raise
 
     def _decode_exit(self) -> Exit:
         run = self._run
@@ -527,28 +704,44 @@ class Vcpu:
 
     def complete_mmio_read(self, data: bytes) -> None:
         """Give the value of the MMIO read the last exit asked for."""
+        self.fileno()
         if self._run.exit_reason != ABI["KVM_EXIT_MMIO"]:
             raise ValueError("the last exit was not MMIO")
         self._run.set_mmio_data(data)
 
     def complete_io_in(self, data: bytes) -> None:
         """Give the bytes of the IN the last exit asked for (size * count)."""
+        self.fileno()
         if self._run.exit_reason != ABI["KVM_EXIT_IO"]:
             raise ValueError("the last exit was not port I/O")
         direction, size, _port, count, offset = self._run.io()
-        if direction != ABI["KVM_EXIT_IO_IN"] or len(data) != size * count:
+        if direction != ABI["KVM_EXIT_IO_IN"]:
+            raise ValueError("the last exit was an OUT, not an IN")
+        if len(data) != size * count:
             raise ValueError(f"the pending IN takes {size * count} bytes, got {len(data)}")
         self._map[offset:offset + len(data)] = data
 
     def close(self) -> None:
+        """Close the vCPU and its kvm_run mapping.  Idempotent.
+
+        Raises RuntimeError while another thread is in :meth:`run` or
+        :meth:`run_loop`; a handler on the running thread may close it.
+        """
+        self._claim("close it")
+        try:
+            self._close_claimed()
+        finally:
+            self._run_lock.release()
+
+    def _close_when_collected(self) -> None:
+        self._close_claimed()    # nothing can be running it: no thread holds it
+
+    def _close_claimed(self) -> None:
         if self._fd >= 0:
             self._run.release()
             self._map.close()
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> Vcpu:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __repr__(self) -> str:
+        return f"<Vcpu {self.id} {'closed' if self._fd < 0 else f'fd={self._fd}'}>"
