@@ -4,12 +4,16 @@ The ring is the shared page on which a producer (the kernel, or kvmcoal's
 model of it) records guest writes to device registers, and from which a
 consumer replays them, in order, without a VM exit per write.
 
-Set ``KVMCOAL_NO_EXTENSIONS=1`` to use the pure-Python twin of the ring
-instead of the C core (slower; the same behaviour).
+Set ``KVMCOAL_NO_EXTENSIONS=1`` to make ``kvmcoal.Ring``, ``kvmcoal.Entry``
+and ``kvmcoal.ring_max`` the pure-Python twin of the ring instead of the C
+core (slower; the same behaviour).  The rings that ``EmulatedVm``,
+``CoalescedBuffer`` and ``kvmcoal.kvm.Vm`` make stay C rings, with C
+entries: they need the core's producer lock and wakeups.
 """
 
 from __future__ import annotations
 
+import importlib.util as _importlib_util
 import os as _os
 from typing import Any
 
@@ -59,6 +63,11 @@ __all__ = [
     "Zone",
     "ring_max",
 ]
+# numpy is optional: without it ENTRY_DTYPE does not exist, and
+# ``from kvmcoal import *`` must not name it.
+_HAVE_NUMPY = _importlib_util.find_spec("numpy") is not None
+if not _HAVE_NUMPY:
+    __all__.remove("ENTRY_DTYPE")
 
 
 def __getattr__(name: str) -> Any:
@@ -79,3 +88,7 @@ def __getattr__(name: str) -> Any:
         globals()["ENTRY_DTYPE"] = dtype
         return dtype
     raise AttributeError(f"module 'kvmcoal' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | ({"ENTRY_DTYPE"} if _HAVE_NUMPY else set()))

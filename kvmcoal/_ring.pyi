@@ -2,9 +2,9 @@
 kvmcoal._ring_py has the same public API and behaviour."""
 
 from collections.abc import Callable, Iterator
-from typing import Any, Final
+from typing import Any, Final, final
 
-from typing_extensions import Buffer, Self
+from typing_extensions import Buffer, Self, disjoint_base
 
 ENTRY_SIZE: Final[int]
 """Bytes of one ``struct kvm_coalesced_mmio`` record: 24."""
@@ -29,6 +29,7 @@ def ring_max(nbytes: int) -> int:
     (170, 682, 2730)
     """
 
+@final
 class Entry:
     """One coalesced write, as the consumer delivers it (immutable).
 
@@ -53,12 +54,13 @@ class Entry:
     @property
     def value(self) -> int:
         """``data`` as a little-endian unsigned integer."""
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
     def __hash__(self) -> int: ...
     def __reduce__(self) -> tuple[Any, ...]: ...
 
 Handler = Callable[[int, bytes, bool], object]
 
+@disjoint_base
 class Ring:
     """A coalesced MMIO/PIO ring over a writable, C-contiguous buffer.
 
@@ -201,6 +203,7 @@ def kvm_set_sregs(vcpufd: int, changes: dict[str, Any]) -> None: ...
 def kvm_run_vcpu(vcpufd: int) -> bool:
     """KVM_RUN without the GIL; False if a signal interrupted it."""
 
+@final
 class KvmRunView:
     """Typed access to a vCPU's struct kvm_run at the start of its mapping."""
 
@@ -219,6 +222,7 @@ class KvmRunView:
 
 # --- the emulated kernel's write path (src/zone_bus.pxi); see kvmcoal.EmulatedVm ---
 
+@disjoint_base
 class _ZoneBus:
     def _set_zones(self, pio: bool, entries: list[tuple[int, int, Ring]]) -> None: ...
     def write(self, phys_addr: int, data: Buffer, *, pio: bool = False) -> bool:

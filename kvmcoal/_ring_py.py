@@ -131,6 +131,8 @@ class Entry:
     _pio: bool
 
     def __init__(self, phys_addr: int, data: Any, pio: bool = False) -> None:
+        if hasattr(self, "_data"):
+            raise TypeError("Entry is immutable: __init__ cannot be called again")
         self._init(_check_phys_addr(phys_addr), _check_data(data), bool(pio))
 
     def _init(self, phys_addr: int, data: bytes, pio: bool) -> None:
@@ -201,6 +203,8 @@ class Ring:
 
     def __init__(self, buffer: Any, *, size: int | None = None,
                  legacy_full_check: bool = False) -> None:
+        if getattr(self, "_view", None) is not None:
+            raise RuntimeError("Ring.__init__ called on a live ring")
         view = _byte_view(buffer, "Ring needs")
         try:
             if view.nbytes < MIN_RING_SIZE:

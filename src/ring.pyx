@@ -12,6 +12,7 @@ from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABL
                              PyBUF_C_CONTIGUOUS, PyBUF_SIMPLE)
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.long cimport PyLong_FromUnsignedLongLong
+from cpython.number cimport PyNumber_Index
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF
 from cpython.pythread cimport PyThread_get_thread_ident
@@ -28,6 +29,8 @@ from cpython.exc cimport PyErr_SetFromErrno
 from libc.errno cimport errno, EINTR
 import os
 
+from collections.abc import Callable as _Callable
+
 from kvmcoal.errors import KvmcoalError, RingCorruptedError
 
 ENTRY_SIZE = KC_ENTRY_SIZE
@@ -36,10 +39,24 @@ MIN_RING_SIZE = KC_MIN_RING_BYTES
 PAGE_SIZE = sysconf(_SC_PAGESIZE)
 
 
+cdef inline object _index(object value, str what):
+    """*value* as a Python int if it is an integer (int, bool, numpy integers: anything
+    with __index__), else TypeError naming *what*; floats are refused, not truncated."""
+    if type(value) is int:
+        return value
+    try:
+        return PyNumber_Index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, not {type(value).__name__!r}") from None
+
+
+# The consume() handler's type, as in the stub and the twin.
+Handler = _Callable[[int, bytes, bool], object]
+
+
 def ring_max(nbytes):
     """Number of slots of a ring occupying *nbytes* bytes (see _ring.pyi)."""
-    if not isinstance(nbytes, int):
-        raise TypeError(f"nbytes must be an int, not {type(nbytes).__name__!r}")
+    nbytes = _index(nbytes, "nbytes")
     if nbytes < <Py_ssize_t>KC_MIN_RING_BYTES:
         raise ValueError(f"nbytes={nbytes} is smaller than the "
                          f"{KC_MIN_RING_BYTES}-byte minimum ring")
@@ -81,12 +98,11 @@ cdef int _get_buffer(object obj, Py_buffer *view, str what,
 
 cdef inline uint64_t _as_u64(object value, str what) except? 0xFFFFFFFFFFFFFFFF:
     cdef uint64_t out
+    value = _index(value, what)
     try:
         out = value
     except OverflowError:
         raise ValueError(f"{what}={value} is out of the u64 range") from None
-    except TypeError:
-        raise TypeError(f"{what} must be an int, not {type(value).__name__!r}") from None
     return out
 
 
@@ -104,9 +120,20 @@ cdef int _fill_entry(kc_entry *e, object phys_addr, object data, object pio) exc
     else:
         try:
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        except (BufferError, TypeError):
-            raise TypeError(f"data must be a bytes-like object, "
-                            f"not {type(data).__name__!r}") from None
+        except (BufferError, TypeError, ValueError):
+            # Not a contiguous run of bytes, or no buffer at all: a strided
+            # view is copied out (as bytes() would), anything else refused.
+            try:
+                probe = memoryview(data)
+            except TypeError:
+                raise TypeError(f"data must be a bytes-like object, "
+                                f"not {type(data).__name__!r}") from None
+            with probe:
+                if not 0 < probe.nbytes <= <Py_ssize_t>KC_MAX_DATA:
+                    raise ValueError(f"data must be 1 to {KC_MAX_DATA} bytes, "
+                                     f"got {probe.nbytes}") from None
+                data = probe.tobytes()
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         n = view.len
         if 0 < n <= <Py_ssize_t>KC_MAX_DATA:
             memcpy(e.data, view.buf, n)
@@ -123,14 +150,21 @@ cdef class Entry:
     """One coalesced write, as the consumer delivers it (immutable)."""
 
     cdef kc_entry _e
+    # Set once the entry holds a write: __init__ called again must not
+    # change an entry that may already be a dict key or in a set.
+    cdef bint _made
 
     def __init__(self, phys_addr, data, pio=False):
+        if self._made:
+            raise TypeError("Entry is immutable: __init__ cannot be called again")
         _fill_entry(&self._e, phys_addr, data, pio)
+        self._made = True
 
     @staticmethod
     cdef inline Entry _from(const kc_entry *e):
         cdef Entry self = Entry.__new__(Entry)
         self._e = e[0]
+        self._made = True
         return self
 
     @property
@@ -223,15 +257,17 @@ cdef Py_ssize_t _as_limit(object limit) except -2:
     """-1 for no limit, else the limit, which must be a non-negative int."""
     if limit is None:
         return -1
-    if not isinstance(limit, int):
-        raise TypeError(f"limit must be an int or None, not {type(limit).__name__!r}")
+    limit = _index(limit, "limit")
     if limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
     return min(limit, <Py_ssize_t>KC_MAX_SLOTS)
 
 
+@cython.embedsignature(False)   # Cython's own rendering put size before the '*'
 cdef class Ring:
-    """A coalesced MMIO/PIO ring over a writable, C-contiguous buffer.
+    """Ring(buffer, *, size=None, legacy_full_check=False)
+
+    A coalesced MMIO/PIO ring over a writable, C-contiguous buffer.
 
     See kvmcoal/_ring.pyi for the full contract.
     """
@@ -271,8 +307,7 @@ cdef class Ring:
         try:
             nbytes = self._view.len
             if size is not None:
-                if not isinstance(size, int):
-                    raise TypeError(f"size must be an int, not {type(size).__name__!r}")
+                size = _index(size, "size")
                 if size > nbytes:
                     raise ValueError(f"size={size} exceeds the buffer's {nbytes} bytes")
                 if size < <Py_ssize_t>KC_MIN_RING_BYTES:
@@ -591,8 +626,8 @@ cdef class Ring:
                                  f"{view.len} bytes")
             # Records read from the ring's own memory would read what this
             # call has just written there.
-            if (<const char *>view.buf < <char *>self._view.buf + self._nbytes and
-                    <char *>self._view.buf < <const char *>view.buf + view.len):
+            if (view.len and <const char *>view.buf < <char *>self._view.buf + self._nbytes
+                    and <char *>self._view.buf < <const char *>view.buf + view.len):
                 raise ValueError("push_many(): records overlap the ring's own memory")
             n = <size_t>view.len // KC_ENTRY_SIZE
             # Every record is checked before any is pushed: bad input pushes
@@ -706,8 +741,8 @@ cdef class Ring:
         try:
             # The batch is copied in one go, then checked where it landed:
             # that must be memory of the caller's, not the ring it reads.
-            if (<char *>view.buf < <char *>self._view.buf + self._nbytes and
-                    <char *>self._view.buf < <char *>view.buf + view.len):
+            if (view.len and <char *>view.buf < <char *>self._view.buf + self._nbytes
+                    and <char *>self._view.buf < <char *>view.buf + view.len):
                 raise ValueError("drain_into(): out overlaps the ring's own memory")
             if not self._enter_consumer():
                 return 0
@@ -791,6 +826,7 @@ cdef class Ring:
             self._exit_consumer()
 
     def __iter__(self):
+        self._check_live()
         return self
 
     def __next__(self):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mmap
 import pickle
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -123,6 +125,12 @@ def test_bad_size(impl, size, exc):
     (0, b"123456789", ValueError, "1 to 8 bytes, got 9"),
     (0, 5, TypeError, "bytes-like"),
     (0, "ab", TypeError, "bytes-like"),
+    # Non-integers are refused, never truncated (1.7 would become address 1).
+    (1.7, b"x", TypeError, "phys_addr must be an int, not 'float'"),
+    (float("nan"), b"x", TypeError, "phys_addr must be an int"),
+    (1e30, b"x", TypeError, "phys_addr must be an int"),
+    (np.float64(3.9), b"x", TypeError, "phys_addr must be an int"),
+    (0, memoryview(b"123456789abcdefghi")[::2], ValueError, "1 to 8 bytes, got 9"),
 ])
 def test_bad_push_arguments(impl, addr, data, exc, match):
     ring = impl.Ring(bytearray(4096))
@@ -142,6 +150,68 @@ def test_push_accepts_every_bytes_like(impl):
     assert [e.len for e in got] == [1, 2, 4, 8]
     assert all(e.pio is True and e.phys_addr == (1 << 64) - 1 for e in got)
     assert got[3].data == bytes(range(8))
+
+
+def test_integers_of_any_kind_are_accepted_where_an_int_is(impl):
+    """Anything with __index__ (numpy integers, bool) is an int to every argument."""
+    ring = impl.Ring(bytearray(4096), size=np.int64(4096))
+    assert impl.ring_max(np.int32(4096)) == ring.max == 170
+    assert ring.push(np.uint64(5), b"a") and ring.push(np.int64(6), b"b") and ring.push(True, b"c")
+    assert [e.phys_addr for e in ring.drain(limit=np.int64(2))] == [5, 6]
+    assert ring.consume(lambda *a: None, np.int8(5)) == 1
+
+
+def test_strided_data_is_copied_as_bytes_would(impl):
+    ring = impl.Ring(bytearray(4096))
+    assert ring.push(1, memoryview(b"abcdefgh")[::2])
+    assert ring.push(2, np.arange(16, dtype=np.uint8)[::4])
+    assert [e.data for e in ring.drain()] == [b"aceg", bytes([0, 4, 8, 12])]
+
+
+def test_entry_cannot_be_changed_by_calling_init_again(impl):
+    e = impl.Entry(1, b"a")
+    members = {e}
+    with pytest.raises(TypeError, match="immutable"):
+        e.__init__(2, b"bb")
+    assert e == impl.Entry(1, b"a") and e in members
+
+
+def test_a_live_ring_cannot_be_reinitialised_and_a_released_one_cannot_be_iterated(impl):
+    ring = impl.Ring(bytearray(4096))
+    with pytest.raises(RuntimeError, match="live ring"):
+        ring.__init__(bytearray(64))
+    ring.release()
+    with pytest.raises(ValueError, match="released"):
+        iter(ring)
+
+
+def test_an_empty_buffer_overlaps_nothing(impl):
+    buf = bytearray(4096)
+    ring = impl.Ring(buf)
+    ring.push(1, b"a")
+    with memoryview(buf) as view:
+        assert ring.drain_into(view[100:100]) == 0
+        assert ring.push_many(view[100:100]) == 0
+    assert len(ring) == 1
+
+
+def test_star_import_and_dir_follow_numpy():
+    """ENTRY_DTYPE exists only with numpy; ``from kvmcoal import *`` works either way."""
+    code = (
+        "import importlib.util, sys\n"
+        "find = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda n, *a: None if n == 'numpy' else find(n, *a)\n"
+        "sys.modules['numpy'] = None\n"
+        "ns = {}\n"
+        "exec('from kvmcoal import *', ns)\n"
+        "import kvmcoal\n"
+        "assert 'Ring' in ns and 'ENTRY_DTYPE' not in ns and 'ENTRY_DTYPE' not in dir(kvmcoal)\n"
+        "assert not hasattr(kvmcoal, 'ENTRY_DTYPE')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    ns: dict = {}
+    exec("from kvmcoal import *", ns)
+    assert "ENTRY_DTYPE" in ns and "ENTRY_DTYPE" in dir(kvmcoal)
 
 
 def test_entry_values(impl):
