@@ -130,6 +130,9 @@ class Entry:
     _data: bytes
     _pio: bool
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        raise TypeError("Entry cannot be subclassed (as the C Entry cannot)")
+
     def __init__(self, phys_addr: int, data: Any, pio: bool = False) -> None:
         if hasattr(self, "_data"):
             raise TypeError("Entry is immutable: __init__ cannot be called again")

@@ -274,6 +274,7 @@ cdef class Ring:
 
     cdef kc_ring _r
     cdef Py_buffer _view
+    cdef object __weakref__   # a device model may hold its ring weakly, as it can the twin's
     cdef bint _live
     cdef bint _legacy
     cdef Py_ssize_t _nbytes

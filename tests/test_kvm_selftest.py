@@ -50,35 +50,46 @@ def run_guest(vcpu, first_value: int, iterations: int) -> None:
 
 
 def test_fill_from_every_start_index(vm):
+    """From odd start indices one host entry is pushed first, so the write that finds
+    the ring full is an MMIO store there and a port write from even ones (the ring
+    holds an odd number, and the guest alternates MMIO and PIO): both exit kinds,
+    from every start index."""
     vcpu = vm.create_vcpu()
     vcpu.setup_long_mode(CODE)
     ring = vm.ring
     cap = ring.capacity
+    exits_seen = set()
     for start in range(ring.max):
         ring.reset()
         while ring.last != start:   # the consumer may move the indices of an empty ring
             assert ring.push(0, b"\0") and ring.pop() is not None
+        host = [Entry(0xF00D, bytes([start & 0xFF]))] * (start % 2)
+        for entry in host:
+            assert ring.push(entry.phys_addr, entry.data)
+        fit = cap - len(host)                           # guest writes that fit
         first_value = start * 1000
         run_guest(vcpu, first_value, (cap + 2) // 2)   # cap + 1 writes, maybe one more
         exit_ = vcpu.run()
-        # Write number cap found the ring full and exited, carrying its data.
-        full_write = expected_entries(first_value, cap + 1)[cap]
+        # Guest write number fit found the ring full and exited, carrying its data.
+        full_write = expected_entries(first_value, fit + 1)[fit]
         if full_write.pio:
             assert isinstance(exit_, kvm.IoExit) and exit_.is_out
             assert (exit_.port, exit_.size, exit_.data) == (PIO.addr, 4, full_write.data)
         else:
             assert isinstance(exit_, kvm.MmioExit) and exit_.is_write
             assert (exit_.phys_addr, exit_.data) == (REG, full_write.data)
+        exits_seen.add(type(exit_))
         # The exit (not a coalesced access) left the indices where the
         # coalesced writes put them.
         assert (ring.first, ring.last) == (start, (start + cap) % ring.max), f"start={start}"
-        assert ring.drain() == expected_entries(first_value, cap), f"start={start}"
+        assert ring.drain() == host + expected_entries(first_value, fit), f"start={start}"
         # Run to the end: the writes left coalesce, then HLT, which moves nothing.
         writes = 2 * ((cap + 2) // 2)
         exit_ = vcpu.run()
         assert isinstance(exit_, kvm.HltExit)
-        assert ring.drain() == expected_entries(first_value, writes)[cap + 1:]
-        assert ring.first == ring.last == (start + writes - 1) % ring.max
+        assert ring.drain() == expected_entries(first_value, writes)[fit + 1:]
+        assert ring.first == ring.last == (start + len(host) + writes - 1) % ring.max
+    assert exits_seen == {kvm.IoExit, kvm.MmioExit}
 
 
 @pytest.mark.parametrize("zone", [MMIO, PIO], ids=["mmio", "pio"])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import mmap
 import pickle
 import subprocess
 import sys
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -174,6 +176,18 @@ def test_entry_cannot_be_changed_by_calling_init_again(impl):
     with pytest.raises(TypeError, match="immutable"):
         e.__init__(2, b"bb")
     assert e == impl.Entry(1, b"a") and e in members
+
+
+def test_entry_is_final_and_a_ring_can_be_held_weakly(impl):
+    with pytest.raises(TypeError):
+        type("MyEntry", (impl.Entry,), {})
+    ring = impl.Ring(bytearray(4096))
+    ref = weakref.ref(ring)
+    assert ref() is ring
+    ring.release()
+    del ring
+    gc.collect()
+    assert ref() is None
 
 
 def test_a_live_ring_cannot_be_reinitialised_and_a_released_one_cannot_be_iterated(impl):
