@@ -388,15 +388,18 @@ def test_close_from_another_thread_wakes_async_waiters_and_reuses_no_fd_under_th
         buf.close()
         reused.extend(os.eventfd(0) for _ in range(4))
 
+    closer = threading.Timer(0.02, close_and_reuse_the_numbers)
+
     async def main():
         waiters = [asyncio.ensure_future(buf.wait_async()) for _ in range(2)]
         await asyncio.sleep(0.02)
-        threading.Timer(0.02, close_and_reuse_the_numbers).start()
+        closer.start()
         return await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 5)
 
     try:
         results = asyncio.run(main())
     finally:
+        closer.join(5)      # the waiters may wake before it has opened all four
         for fd in reused:
             os.close(fd)
     assert len(results) == 2
