@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import grp
 import mmap
+import operator
 import os
 import stat
 import threading
@@ -85,8 +86,11 @@ _REAL_MODE_SEGMENT = {"limit": 0xFFFF, "present": 1, "dpl": 0, "db": 0, "s": 1, 
 
 def _le_bytes(value: int, size: int) -> bytes:
     """*value* as *size* little-endian bytes; the handler's excess high bits are dropped."""
-    if not isinstance(value, int):
-        raise TypeError(f"the read handler must return an int, not {type(value).__name__!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"the read handler must return an int, not {type(value).__name__!r}") \
+            from None
     return (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
 
@@ -237,8 +241,10 @@ class _OwnsFd:
 
     def __del__(self) -> None:
         if self._fd >= 0:
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            what = repr(self)
+            # Closed before the warning: with warnings as errors it raises.
             self._close_when_collected()
+            warnings.warn(f"unclosed {what}", ResourceWarning, source=self)
 
 
 class Kvm(_OwnsFd):
@@ -294,9 +300,9 @@ class Kvm(_OwnsFd):
 
     def close(self) -> None:
         """Close /dev/kvm.  Idempotent; VMs made from it live on."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def __repr__(self) -> str:
         return f"<Kvm {self.path} {'closed' if self._fd < 0 else f'fd={self._fd}'}>"
@@ -333,7 +339,9 @@ class Vm(_OwnsFd):
         self._next_vcpu_id = 0     # the kernel keeps an id once KVM_CREATE_VCPU took it
         self._ring: _ring.Ring | None = None
         self._ring_map: mmap.mmap | None = None
-        self._lock = threading.Lock()   # the ring's creation, vCPU creation, close()
+        # The ring's creation, vCPU creation and closing, memory, close().  Re-entrant:
+        # a signal handler may close the VM in the middle of any of them.
+        self._lock = threading.RLock()
 
     def fileno(self) -> int:
         if self._fd < 0:
@@ -351,14 +359,20 @@ class Vm(_OwnsFd):
             raise ValueError(f"guest memory at {guest_phys_addr:#x} of {size:#x} bytes "
                              f"must be page-aligned and non-empty")
         with self._lock:
+            fd = self.fileno()
             memory = mmap.mmap(-1, size, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+            slot = (guest_phys_addr, memory, memoryview(memory))
             try:
-                _ring.kvm_set_user_memory_region(self.fileno(), len(self._memory),
-                                                 guest_phys_addr, memory)
-            except BaseException:
+                _ring.kvm_set_user_memory_region(fd, len(self._memory), guest_phys_addr, memory)
+            except OSError:           # the kernel refused: no slot points at it
+                slot[2].release()
                 memory.close()
                 raise
-            self._memory.append((guest_phys_addr, memory, memoryview(memory)))
+            finally:
+                # Any other exception (a signal handler's) may have come after the
+                # kernel took the slot: keep the memory pinned until close().
+                if not memory.closed:
+                    self._memory.append(slot)
         return memory
 
     def memory(self, guest_phys_addr: int, size: int) -> memoryview:
@@ -391,15 +405,18 @@ class Vm(_OwnsFd):
         """A new vCPU with the next free id."""
         with self._lock:
             vcpu_id = self._next_vcpu_id
+            # Taken before the ioctl: the kernel keeps an id it accepted, even if
+            # what follows fails, and a retry with it would fail with EEXIST.
+            self._next_vcpu_id += 1
             try:
                 fd = _ring.kvm_ioctl(self.fileno(), "KVM_CREATE_VCPU", vcpu_id)
-            except OSError as exc:
+            except OSError as exc:   # refused: the id is still free
+                self._next_vcpu_id = vcpu_id
                 if exc.errno == errno.EINVAL:
                     raise KvmcoalError(
                         f"the kernel refuses vCPU id {vcpu_id}: this VM has as many vCPUs "
                         f"as it may (KVM_CAP_MAX_VCPUS)") from None
                 raise
-            self._next_vcpu_id += 1
             vcpu = Vcpu(self, vcpu_id, fd)
             self._vcpus.append(vcpu)
         return vcpu
@@ -427,27 +444,29 @@ class Vm(_OwnsFd):
         """Release the ring, close every vCPU, the VM fd and guest memory.  Idempotent.
 
         Raises RuntimeError, closing nothing, while a vCPU is inside ``run()``
-        or ``run_loop()`` on another thread.  Guest memory that the caller
-        still has views of stays mapped until the last view goes.
+        or ``run_loop()`` on another thread, or when called from a handler
+        that a drain of the VM's ring is calling (close it after the drain
+        returns).  Guest memory that the caller still has views of stays
+        mapped until the last view goes.
         """
+        ring = self._ring
+        if ring is not None and ring._consuming_here():
+            raise RuntimeError("Vm.close() called from a handler of a drain of its ring: "
+                               "close the VM after the drain returns")
         with self._lock:
             claimed: list[Vcpu] = []
             try:
                 for vcpu in self._vcpus:
                     vcpu._claim("close its Vm")
                     claimed.append(vcpu)
-                if self._ring is not None:
-                    self._ring.release()
-                    self._ring = None
-                if self._ring_map is not None:
-                    self._ring_map.close()
-                    self._ring_map = None
+                ring, self._ring = self._ring, None
+                ring_map, self._ring_map = self._ring_map, None
                 for vcpu in self._vcpus:
                     vcpu._close_claimed()
                 self._vcpus.clear()
-                if self._fd >= 0:
-                    os.close(self._fd)
-                    self._fd = -1
+                fd, self._fd = self._fd, -1
+                if fd >= 0:
+                    os.close(fd)
                 # No vCPU can run any more: unmapping guest memory is safe now.
                 for _base, memory, pin in self._memory:
                     pin.release()
@@ -459,6 +478,12 @@ class Vm(_OwnsFd):
             finally:
                 for vcpu in claimed:
                     vcpu._run_lock.release()
+        # Outside the lock: release() waits for a drain in progress on another
+        # thread, whose handlers may call into this VM (and find it closed).
+        if ring is not None:
+            ring.release()
+        if ring_map is not None:
+            ring_map.close()
 
     def __repr__(self) -> str:
         if self._fd < 0:
@@ -493,12 +518,7 @@ class Vcpu(_OwnsFd):
         # Held by the thread in run()/run_loop(); re-entrant, so a handler
         # (or a signal handler) on that thread may still close this vCPU.
         self._run_lock = threading.RLock()
-        # run_loop's exit not yet fully delivered when a handler raised, and
-        # how far it got (writes of an OUT handed over; values of an IN read).
-        self._undelivered: Exit | None = None
-        self._progress: list[int] = []
-        self.exit_count = 0
-        """KVM_RUN returns so far: each one an exit to userspace."""
+        self._in_loop = False    # run_loop() is running, on the thread holding the lock
 
     def fileno(self) -> int:
         if self._fd < 0:
@@ -577,25 +597,42 @@ class Vcpu(_OwnsFd):
                              efer=_EFER_LME | _EFER_LMA, cr3=pml4)
         self.set_regs(rip=ip, rflags=0x2, **regs)
 
+    @property
+    def exit_count(self) -> int:
+        """KVM_RUN returns so far: each one an exit to userspace."""
+        return self._run.exits
+
     def run(self) -> Exit:
         """Enter the guest until it exits to userspace; return the exit.
 
-        A signal that interrupts KVM_RUN runs its Python handler and the vCPU
-        is entered again, unless the handler raised (or closed the vCPU).
-        Raises RuntimeError if another thread is running this vCPU.
+        The caller handles the exit (``complete_mmio_read``, ``complete_io_in``
+        for reads) before the next ``run()``.  An exit that ``run_loop`` left
+        undelivered (a handler raised) is returned first, without entering
+        the guest, whole.  A signal that interrupts KVM_RUN runs its Python
+        handler and the vCPU is entered again, unless the handler raised (or
+        closed the vCPU).  Raises RuntimeError if another thread is running
+        this vCPU, or if called from a ``run_loop`` handler of this vCPU.
         """
         self._claim("run it")
         try:
-            return self._enter()
+            if self._in_loop:
+                raise RuntimeError(f"vCPU {self.id}: run() called from a run_loop() handler")
+            exit_ = self._enter()
+            # If an exception lands before this line, the exit stays pending and
+            # the next run() returns it again: repeated, never lost.
+            self._run.delivered()
+            return exit_
         finally:
             self._run_lock.release()
 
     def _enter(self) -> Exit:
-        """KVM_RUN until an exit to userspace; the caller holds ``_run_lock``."""
+        """The exit kvm_run holds: a pending one, else a new one from KVM_RUN.
+
+        The caller holds ``_run_lock``.
+        """
         # fileno() each time round: a signal handler may have closed the vCPU.
-        while not _ring.kvm_run_vcpu(self.fileno()):
+        while not self._run.enter(self.fileno()):
             pass
-        self.exit_count += 1
         return self._decode_exit()
 
     def run_loop(self, write: WriteHandler, read: ReadHandler, *,
@@ -620,11 +657,21 @@ class Vcpu(_OwnsFd):
         ``Ring.consume``); the rest of the ring stays in it; an exit not yet
         fully delivered (a read not yet answered, the writes of an ``out``
         not yet handed over) is kept, and the next ``run_loop`` call drains
-        the ring and finishes it before it enters the guest again.
+        the ring and finishes it before it enters the guest again.  The
+        state of that exit lives in C, set in the same call as KVM_RUN's
+        return, so an exception from a signal handler cannot lose it
+        either; one landing between a handler's return and the bookkeeping
+        after it can repeat or drop that one access.
         """
         self._claim("run it")
         try:
-            return self._loop(write, read, drain)
+            if self._in_loop:
+                raise RuntimeError(f"vCPU {self.id}: run_loop() called from its own handler")
+            self._in_loop = True
+            try:
+                return self._loop(write, read, drain)
+            finally:
+                self._in_loop = False
         finally:
             self._run_lock.release()
 
@@ -635,51 +682,48 @@ class Vcpu(_OwnsFd):
 
             def drain() -> object:
                 return ring.consume(write)
+        run = self._run
         while True:
-            # An exit a raising handler left, else a new one.  Until it is fully
-            # delivered, an exception puts it back (locals here, not attributes:
-            # this runs once per exit, and uncoalesced that is once per store).
-            exit_ = self._undelivered
-            if exit_ is None:
-                exit_ = self._enter()
-                done: list[int] = []
-            else:
-                self._undelivered, done = None, self._progress
-            pending = True
-            try:
-                if drain is not None:
-                    drain()
-                if isinstance(exit_, MmioExit):
-                    if exit_.is_write:
-                        pending = False        # handed over: delivered, even if write raises
-                        write(exit_.phys_addr, exit_.data, False)
-                    else:
-                        self.complete_mmio_read(
-                            _le_bytes(read(exit_.phys_addr, exit_.len, False), exit_.len))
-                        pending = False
-                elif isinstance(exit_, IoExit):
-                    size, count = exit_.size, exit_.count
-                    if exit_.is_out:
-                        while len(done) < count:
-                            i = len(done) * size
-                            done.append(i)
-                            pending = len(done) < count
-                            write(exit_.port, exit_.data[i:i + size], True)
-                        pending = False        # (count 0: nothing to hand over)
-                    else:
-                        while len(done) < count:
-                            done.append(read(exit_.port, size, True))
-                        self.complete_io_in(b"".join(_le_bytes(v, size) for v in done))
-                        pending = False
-                elif isinstance(exit_, HltExit):
-                    return exit_
+            exit_ = self._enter()        # a pending, maybe partly delivered, exit first
+            if drain is not None:
+                drain()
+            if isinstance(exit_, MmioExit):
+                if exit_.is_write:
+                    run.delivered()              # handed over: delivered, even if write raises
+                    write(exit_.phys_addr, exit_.data, False)
                 else:
-                    pending = False
-                    raise GuestError(exit_)
-            except BaseException:
-                if pending:
-                    self._undelivered, self._progress = exit_, done
-                raise
+                    self.complete_mmio_read(
+                        _le_bytes(read(exit_.phys_addr, exit_.len, False), exit_.len))
+                    run.delivered()
+            elif isinstance(exit_, IoExit):
+                size, count = exit_.size, exit_.count
+                if exit_.is_out and count == 1:    # the common case, kept short
+                    run.delivered()
+                    write(exit_.port, exit_.data, True)
+                elif exit_.is_out:
+                    while run.progress < count:
+                        i = run.progress * size
+                        run.progress += 1
+                        if run.progress == count:
+                            run.delivered()
+                        write(exit_.port, exit_.data[i:i + size], True)
+                    run.delivered()              # (count 0: nothing to hand over)
+                else:
+                    offset = run.io()[4]
+                    while run.progress < count:
+                        # Each value goes into kvm_run as it is read: a read
+                        # that raised later does not ask the earlier ones again.
+                        value = _le_bytes(read(exit_.port, size, True), size)
+                        at = offset + run.progress * size
+                        self._map[at:at + size] = value
+                        run.progress += 1
+                    run.delivered()
+            elif isinstance(exit_, HltExit):
+                run.delivered()
+                return exit_
+            else:
+                run.delivered()
+                raise GuestError(exit_)
 
     def _decode_exit(self) -> Exit:
         run = self._run
@@ -727,21 +771,22 @@ class Vcpu(_OwnsFd):
         Raises RuntimeError while another thread is in :meth:`run` or
         :meth:`run_loop`; a handler on the running thread may close it.
         """
-        self._claim("close it")
-        try:
-            self._close_claimed()
-        finally:
-            self._run_lock.release()
+        with self.vm._lock:    # not while Vm.ring maps the ring through this fd
+            self._claim("close it")
+            try:
+                self._close_claimed()
+            finally:
+                self._run_lock.release()
 
     def _close_when_collected(self) -> None:
         self._close_claimed()    # nothing can be running it: no thread holds it
 
     def _close_claimed(self) -> None:
-        if self._fd >= 0:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
             self._run.release()
             self._map.close()
-            os.close(self._fd)
-            self._fd = -1
+            os.close(fd)
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.id} {'closed' if self._fd < 0 else f'fd={self._fd}'}>"

@@ -120,22 +120,6 @@ def kvm_set_sregs(int vcpufd, changes):
     _kvm_check(ioctl(vcpufd, KVM_SET_SREGS, &sregs), "KVM_SET_SREGS")
 
 
-def kvm_run_vcpu(int vcpufd):
-    """KVM_RUN without the GIL; returns when the vCPU exits to userspace.
-
-    An interrupting signal makes it return early (exit reason KVM_EXIT_INTR
-    is then not set); Python signal handlers run before it returns.
-    """
-    cdef int rc
-    with nogil:
-        rc = ioctl(vcpufd, KVM_RUN, 0)
-    if rc < 0 and errno == EINTR:
-        PyErr_CheckSignals()
-        return False
-    _kvm_check(rc, "KVM_RUN")
-    return True
-
-
 @cython.final
 cdef class KvmRunView:
     """Typed access to a vCPU's ``struct kvm_run`` in its mapping (offset 0)."""
@@ -143,6 +127,13 @@ cdef class KvmRunView:
     cdef Py_buffer _view
     cdef kvm_run *_run
     cdef bint _live
+    # Whether kvm_run holds an exit not yet fully delivered, and how many of
+    # its accesses (a string I/O's count) are.  Kept here, set by enter()
+    # in the same C call as KVM_RUN's return: no Python code, so no
+    # exception from a signal handler, runs between the two.
+    cdef bint _pending
+    cdef Py_ssize_t _progress
+    cdef unsigned long long _exits
 
     def __init__(self, mapping):
         _get_buffer(mapping, &self._view, "KvmRunView")
@@ -161,6 +152,52 @@ cdef class KvmRunView:
         if self._live:
             self._live = False
             PyBuffer_Release(&self._view)
+
+    def enter(self, int vcpufd):
+        """KVM_RUN on *vcpufd*, without the GIL, unless an exit is still pending.
+
+        True when kvm_run holds an exit to deliver: the pending one, or a
+        new one (``pending`` is then set and ``progress`` reset in this same
+        call).  False when a signal interrupted KVM_RUN before any exit;
+        Python signal handlers have run, and one that raised propagates.
+        """
+        cdef int rc
+        self._get()
+        if self._pending:
+            return True
+        with nogil:
+            rc = ioctl(vcpufd, KVM_RUN, 0)
+        if rc < 0 and errno == EINTR:
+            PyErr_CheckSignals()
+            return False
+        _kvm_check(rc, "KVM_RUN")
+        self._pending = True
+        self._progress = 0
+        self._exits += 1
+        return True
+
+    def delivered(self):
+        """The pending exit is fully delivered: the next enter() runs the vCPU."""
+        self._pending = False
+
+    @property
+    def pending(self):
+        """Whether kvm_run holds an exit that enter() returned and nobody delivered."""
+        return self._pending
+
+    @property
+    def progress(self):
+        """Accesses of the pending exit delivered so far (string I/O has several)."""
+        return self._progress
+
+    @progress.setter
+    def progress(self, Py_ssize_t value):
+        self._progress = value
+
+    @property
+    def exits(self):
+        """KVM_RUN returns with an exit, over this view's life."""
+        return self._exits
 
     cdef inline kvm_run *_get(self) except NULL:
         if not self._live:

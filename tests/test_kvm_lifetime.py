@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import threading
+import warnings
 
 import pytest
 
@@ -174,6 +176,17 @@ def test_a_raising_write_handler_loses_and_repeats_nothing(kvm_vm, fail_at):
         assert list(results.cast("I")) == [per_round * (r + 1) for r in range(rounds)]
 
 
+def _make_and_drop_a_vm() -> None:
+    """A Kvm, a Vm with memory, a vCPU and the ring, none closed, then collected."""
+    k = kvm.Kvm()
+    vm = k.create_vm()
+    vm.add_memory(0, 0x10000)
+    vm.create_vcpu()
+    vm.ring
+    del k, vm
+    gc.collect()
+
+
 def test_objects_never_closed_are_closed_when_collected():
     reason = kvm.why_unavailable()
     if reason is not None:
@@ -181,13 +194,7 @@ def test_objects_never_closed_are_closed_when_collected():
     before = _open_fds()
     with pytest.warns(ResourceWarning):
         for _ in range(5):
-            k = kvm.Kvm()
-            vm = k.create_vm()
-            vm.add_memory(0, 0x10000)
-            vm.create_vcpu()
-            vm.ring
-            del k, vm
-            gc.collect()
+            _make_and_drop_a_vm()
     assert _open_fds() == before
 
 
@@ -250,3 +257,155 @@ def test_the_ring_maps_through_any_open_vcpu(kvm_vm):
     kvm_vm.create_vcpu()
     first.close()
     assert kvm_vm.ring.max > 1
+
+
+# Real mode: mov cx, 3; [in ax, 0x80; out 0x81, ax; loop]; hlt: echoes three reads.
+IN_ECHO = bytes([0xB9, 3, 0, 0xE5, 0x80, 0xE7, 0x81, 0xE2, 0xFA, 0xF4])
+
+
+def _in_echo(vm: kvm.Vm) -> kvm.Vcpu:
+    vm.add_memory(0, 0x10000)[CODE:CODE + len(IN_ECHO)] = IN_ECHO
+    vcpu = vm.create_vcpu()
+    vcpu.setup_real_mode(CODE)
+    return vcpu
+
+
+def test_an_exception_right_after_kvm_run_returns_loses_no_exit(kvm_vm, monkeypatch):
+    """An exception from a signal handler can land after KVM_RUN returned and before
+    the exit is dispatched (simulated: decoding the exit raises once).  The exit is
+    pending in C from KVM_RUN's return on, so the next run_loop delivers it."""
+    vcpu = _read_then_out(kvm_vm)
+    decode = kvm.Vcpu._decode_exit
+    calls = []
+
+    def interrupted_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return decode(self)
+
+    monkeypatch.setattr(kvm.Vcpu, "_decode_exit", interrupted_once)
+    reads: list[int] = []
+    writes: list[tuple[int, bytes, bool]] = []
+
+    def read(addr: int, size: int, pio: bool) -> int:
+        reads.append(addr)
+        return 0x41
+
+    with pytest.raises(KeyboardInterrupt):
+        vcpu.run_loop(lambda *w: writes.append(w), read)
+    assert vcpu.run_loop(lambda *w: writes.append(w), read) == kvm.HltExit()
+    assert reads == [MMIO.addr] and writes == [(PORT, b"\x41", True)]
+    assert vcpu.exit_count == 3                # the read, the out, the hlt: none twice
+
+
+def test_run_returns_an_exit_run_loop_left_without_entering_the_guest(kvm_vm):
+    vcpu = _read_then_out(kvm_vm)
+
+    def busy(addr: int, size: int, pio: bool) -> int:
+        raise KeyError("busy")
+
+    with pytest.raises(KeyError):
+        vcpu.run_loop(lambda *w: None, busy)
+    exit_ = vcpu.run()                          # the read, still unanswered
+    assert isinstance(exit_, kvm.MmioExit) and not exit_.is_write
+    assert vcpu.exit_count == 1
+    vcpu.complete_mmio_read(b"\x42")
+    exit_ = vcpu.run()
+    assert isinstance(exit_, kvm.IoExit) and exit_.data == b"\x42"
+
+
+def test_run_from_a_run_loop_handler_is_refused(kvm_vm):
+    vcpu = _read_then_out(kvm_vm)
+    caught = []
+
+    def read(addr: int, size: int, pio: bool) -> int:
+        for call in (vcpu.run, lambda: vcpu.run_loop(print, read)):
+            with pytest.raises(RuntimeError, match="handler"):
+                call()
+            caught.append(call)
+        return 0x41
+
+    assert vcpu.run_loop(lambda *w: None, read) == kvm.HltExit()
+    assert len(caught) == 2
+
+
+def test_string_in_keeps_the_values_read_before_a_read_raised(kvm_vm):
+    """A read that raises, or returns no int, is asked again; earlier values of the
+    same exit are not read twice.  numpy integers are ints."""
+    np = pytest.importorskip("numpy")
+    vcpu = _in_echo(kvm_vm)
+    answers = iter([np.uint16(1), None, KeyError("busy"), 2, 3])
+    reads = []
+
+    def read(addr: int, size: int, pio: bool) -> int:
+        reads.append(addr)
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    echoes: list[bytes] = []
+    for expected in (TypeError, KeyError):
+        with pytest.raises(expected):
+            vcpu.run_loop(lambda a, d, p: echoes.append(d), read)
+    assert vcpu.run_loop(lambda a, d, p: echoes.append(d), read) == kvm.HltExit()
+    assert echoes == [b"\x01\x00", b"\x02\x00", b"\x03\x00"] and len(reads) == 5
+
+
+def test_closing_the_vm_from_a_drain_handler_is_refused_and_closes_nothing(kvm_vm):
+    load_guest(kvm_vm, "ordering", CODE)
+    kvm_vm.register_coalesced_mmio(Zone(DATA, 4))
+    vcpu = kvm_vm.create_vcpu()
+    vcpu.setup_real_mode(CODE, segments={"es": MMIO.addr >> 4}, rax=0, rcx=10, rsi=1,
+                         rdi=DATA - MMIO.addr, rbx=RESULTS)
+    refused = []
+
+    def write(addr: int, data: bytes, pio: bool) -> None:
+        if not refused:
+            with pytest.raises(RuntimeError, match="after the drain returns"):
+                kvm_vm.close()
+            refused.append(data)
+
+    assert vcpu.run_loop(write, lambda *r: 10) == kvm.HltExit()
+    assert refused and kvm_vm.fileno() >= 0 and vcpu.fileno() >= 0
+
+
+def test_closing_a_vcpu_while_another_thread_maps_the_ring_through_it():
+    reason = kvm.why_unavailable()
+    if reason is not None:
+        pytest.skip(f"/dev/kvm cannot be used here: {reason}")
+    for _ in range(100):
+        with kvm.Kvm() as k, k.create_vm() as vm:
+            a, b = vm.create_vcpu(), vm.create_vcpu()
+            barrier = threading.Barrier(2)
+            errors: list[BaseException] = []
+
+            def get_ring() -> None:
+                barrier.wait()
+                try:
+                    assert vm.ring.max > 1
+                except BaseException as exc:   # noqa: BLE001 - reported below
+                    errors.append(exc)
+
+            t = threading.Thread(target=get_ring)
+            t.start()
+            barrier.wait()
+            a.close()
+            t.join()
+            assert not errors, errors
+            assert b.fileno() >= 0
+
+
+def test_objects_dropped_with_warnings_as_errors_still_close(monkeypatch):
+    reason = kvm.why_unavailable()
+    if reason is not None:
+        pytest.skip(f"/dev/kvm cannot be used here: {reason}")
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    before = _open_fds()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _make_and_drop_a_vm()
+    assert _open_fds() == before
+    assert unraisable and all(isinstance(u.exc_value, ResourceWarning) for u in unraisable)
