@@ -115,9 +115,12 @@ def measure(stores: int, blocks: int, progress: Callable[[str], None] | None = N
             for r in rotated(runs, b):
                 samples[r.key].append(r.measure())  # raises unless every store arrived in order
 
-    methods: dict[str, dict] = {key: {"label": LABELS[key], "missing": c_missing}
-                                for key in LABELS if key not in samples}
-    for key, got in samples.items():
+    methods: dict[str, dict] = {}
+    for key in LABELS:                 # in LABELS order, measured or missing
+        if key not in samples:
+            methods[key] = {"label": LABELS[key], "missing": c_missing}
+            continue
+        got = samples[key]
         rates = [s["stores_per_s"] for s in got]
         exits = sorted({s["exits"] for s in got})
         methods[key] = {

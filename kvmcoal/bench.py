@@ -273,8 +273,9 @@ def _pyplot() -> ModuleType:
 
 def check_plot_path(path: str | Path, sections: Sequence[str]) -> None:
     """Raise RuntimeError now, before measuring, if :func:`plot` could not write *path*."""
-    if not {"consumer", "kvm"} & set(sections):
-        raise RuntimeError("nothing to plot: --plot needs the consumer or the kvm section")
+    if "consumer" not in sections and ("kvm" not in sections or _kvm_unusable()):
+        raise RuntimeError("nothing to plot: --plot needs the consumer section, or the kvm "
+                           "section on a machine where /dev/kvm works")
     plt = _pyplot()
     suffix = Path(path).suffix.lstrip(".").lower()
     formats = plt.figure().canvas.get_supported_filetypes()
@@ -284,6 +285,15 @@ def check_plot_path(path: str | Path, sections: Sequence[str]) -> None:
         raise RuntimeError(f"--plot {path}: matplotlib cannot write {kind}; use one of "
                            + ", ".join(f".{f}" for f in sorted(formats)))
     check_output_path(path, "--plot")
+
+
+def _kvm_unusable() -> str | None:
+    from . import kvm
+    return kvm.why_unavailable()
+
+
+# Paths that are this process's standard output: --json writes JSON only there.
+_STDOUT_PATHS = ("-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1")
 
 
 def check_output_path(path: str | Path, option: str) -> None:
@@ -392,6 +402,8 @@ def main(only: Sequence[str] | None, skip: Sequence[str], scale: float, json_pat
     sections = [s for s in (only or SECTIONS) if s not in skip]
     if not sections:
         raise RuntimeError("nothing to run: --only and --skip leave no section")
+    if json_path in _STDOUT_PATHS:
+        json_path = "-"      # the table would be mixed with the JSON, or truncated by it
     if json_path is not None and json_path != "-":
         check_output_path(json_path, "--json")
     if plot_path is not None:

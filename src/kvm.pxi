@@ -192,6 +192,8 @@ cdef class KvmRunView:
 
     @progress.setter
     def progress(self, Py_ssize_t value):
+        if value < 0:
+            raise ValueError(f"progress must be >= 0, got {value}")
         self._progress = value
 
     @property

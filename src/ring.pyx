@@ -39,7 +39,7 @@ MIN_RING_SIZE = KC_MIN_RING_BYTES
 PAGE_SIZE = sysconf(_SC_PAGESIZE)
 
 
-cdef inline object _index(object value, str what):
+cdef inline object _index(object value, str what, str also=""):
     """*value* as a Python int if it is an integer (int, bool, numpy integers: anything
     with __index__), else TypeError naming *what*; floats are refused, not truncated."""
     if type(value) is int:
@@ -47,7 +47,7 @@ cdef inline object _index(object value, str what):
     try:
         return PyNumber_Index(value)
     except TypeError:
-        raise TypeError(f"{what} must be an int, not {type(value).__name__!r}") from None
+        raise TypeError(f"{what} must be an int{also}, not {type(value).__name__!r}") from None
 
 
 # The consume() handler's type, as in the stub and the twin.
@@ -257,7 +257,7 @@ cdef Py_ssize_t _as_limit(object limit) except -2:
     """-1 for no limit, else the limit, which must be a non-negative int."""
     if limit is None:
         return -1
-    limit = _index(limit, "limit")
+    limit = _index(limit, "limit", " or None")
     if limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
     return min(limit, <Py_ssize_t>KC_MAX_SLOTS)
@@ -293,6 +293,7 @@ cdef class Ring:
     # only with the GIL held.
     cdef int _sleep_fd
     cdef int _sleepers
+    cdef bint _initialising
 
     def __cinit__(self):
         self._sleep_fd = -1
@@ -300,15 +301,29 @@ cdef class Ring:
         pthread_mutex_init(&self._plock, NULL)
 
     def __init__(self, buffer, *, size=None, legacy_full_check=False):
+        # _initialising: an __init__ re-entered from the arguments' own code
+        # (size.__index__, say) must not replace the buffer of the outer one.
+        if self._live or self._initialising:
+            raise RuntimeError("Ring.__init__ called on a live ring")
+        self._initialising = True
+        try:
+            self._init(buffer, size, legacy_full_check)
+        finally:
+            self._initialising = False
+
+    cdef int _init(self, buffer, size, legacy_full_check) except -1:
         cdef Py_ssize_t nbytes
         cdef int rc
-        if self._live:
-            raise RuntimeError("Ring.__init__ called on a live ring")
+        cdef bint legacy
+        # The arguments' own code (__index__, __bool__) runs before the
+        # buffer is taken, so none runs while it is held.
+        if size is not None:
+            size = _index(size, "size")
+        legacy = bool(legacy_full_check)
         _get_buffer(buffer, &self._view, "Ring")
         try:
             nbytes = self._view.len
             if size is not None:
-                size = _index(size, "size")
                 if size > nbytes:
                     raise ValueError(f"size={size} exceeds the buffer's {nbytes} bytes")
                 if size < <Py_ssize_t>KC_MIN_RING_BYTES:
@@ -328,8 +343,9 @@ cdef class Ring:
             PyBuffer_Release(&self._view)
             raise
         self._nbytes = nbytes
-        self._legacy = bool(legacy_full_check)
+        self._legacy = legacy
         self._live = True
+        return 0
 
     def __dealloc__(self):
         if self._live:
@@ -606,6 +622,8 @@ cdef class Ring:
         self._check_live()
         _fill_entry(&e, phys_addr, data, pio)
         rc = self._produce(&e, &must_signal)
+        if rc == KC_PUSH_RELEASED:   # by the arguments' own code, or another thread
+            self._check_live()
         if must_signal:
             with nogil:
                 err = self._signal()

@@ -154,6 +154,11 @@ def test_outputs_and_plot_are_checked_before_anything_is_measured(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_json_to_dev_stdout_is_json_only():
+    run = _bench("--only", "producer", "--scale", "0.005", "--json", "/dev/stdout", "--quiet")
+    assert json.loads(run.stdout)["sections"]["producer"]
+
+
 def test_check_fails_when_a_target_cannot_be_judged(tmp_path):
     """A peer that does not import leaves its target without a verdict: --check says
     which, and fails, rather than passing on the targets that were judged."""

@@ -409,3 +409,11 @@ def test_objects_dropped_with_warnings_as_errors_still_close(monkeypatch):
         _make_and_drop_a_vm()
     assert _open_fds() == before
     assert unraisable and all(isinstance(u.exc_value, ResourceWarning) for u in unraisable)
+
+
+def test_the_pending_exit_progress_cannot_go_negative(kvm_vm):
+    """kvm.py writes string-IN values at offset + progress * size: a negative progress
+    would aim them at kvm_run itself."""
+    vcpu = kvm_vm.create_vcpu()
+    with pytest.raises(ValueError, match="progress must be >= 0"):
+        vcpu._run.progress = -1

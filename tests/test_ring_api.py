@@ -199,6 +199,46 @@ def test_a_live_ring_cannot_be_reinitialised_and_a_released_one_cannot_be_iterat
         iter(ring)
 
 
+def test_init_reentered_from_its_own_arguments_is_refused(impl):
+    """size.__index__ (or legacy_full_check.__bool__) calling __init__ again must not
+    leave the ring over one buffer with the other's size (that overflowed the heap)."""
+    big, small = bytearray(1 << 16), bytearray(64)
+    ring = impl.Ring.__new__(impl.Ring)
+
+    class Size:
+        def __index__(self):
+            with pytest.raises(RuntimeError, match="live ring"):
+                ring.__init__(small)
+            return len(big)
+
+    class Legacy:
+        def __bool__(self):
+            with pytest.raises(RuntimeError, match="live ring"):
+                ring.__init__(small)
+            return False
+
+    if impl.__name__.endswith("_ring"):      # the twin takes its buffer first: nothing to race
+        ring.__init__(big, size=Size())
+        assert ring.max == impl.ring_max(len(big))
+        ring.release()
+        ring.__init__(big, legacy_full_check=Legacy())
+        assert ring.max == impl.ring_max(len(big))
+        ring.release()
+    big.append(1)                             # no export left behind
+
+
+def test_push_on_a_ring_its_own_arguments_released_raises(impl):
+    ring = impl.Ring(bytearray(4096))
+
+    class Releasing:
+        def __index__(self):
+            ring.release()
+            return 1
+
+    with pytest.raises(ValueError, match="released"):
+        ring.push(Releasing(), b"a")
+
+
 def test_an_empty_buffer_overlaps_nothing(impl):
     buf = bytearray(4096)
     ring = impl.Ring(buf)
@@ -374,8 +414,10 @@ def test_bad_limits(impl):
     ring = impl.Ring(bytearray(4096))
     with pytest.raises(ValueError, match="limit"):
         ring.drain(-1)
-    with pytest.raises(TypeError, match="limit"):
+    with pytest.raises(TypeError, match="limit must be an int or None, not 'str'"):
         ring.consume(print, "3")
+    with pytest.raises(TypeError, match="limit must be an int or None, not 'float'"):
+        ring.drain(1.0)
     with pytest.raises(TypeError, match="callable"):
         ring.consume(3)
 
