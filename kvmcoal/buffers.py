@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import math
 import mmap
 import os
 import select
 import socket
 import struct
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -48,6 +50,8 @@ _MAGIC = 0x434D564B                   # "KVMC" little-endian
 _VERSION = 1
 _SIGNALED_OFFSET = 16                 # offset of the signalled word in the block
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+# wait() sleeps at most this long per poll(): its timeout is a C int of ms.
+_MAX_SLEEP_MS = 2**31 - 1
 
 
 class BufferForkedError(KvmcoalError):
@@ -78,7 +82,14 @@ def _after_fork_in_child() -> None:
         buf._forked()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def _after_fork_in_parent() -> None:
+    # The child holds every eventfd now, and could change its flags.
+    for buf in list(_live_buffers):
+        if not buf._closed:
+            buf._ring._share_notifier()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child, after_in_parent=_after_fork_in_parent)
 
 
 class CoalescedBuffer:
@@ -120,7 +131,12 @@ class CoalescedBuffer:
 
         The descriptors are duplicated; the caller keeps and closes its own.
         Raises ValueError if they are not a kvmcoal buffer's sealed memfd and
-        eventfd.
+        eventfd, and OSError if they cannot be used at all (a closed fd
+        number, a memfd that cannot be mapped for writing).
+
+        Attaching in the producer's own process gives a second ``Ring``
+        over the same memory, with a producer lock of its own: producers in
+        one process must share one buffer object, or their writes race.
         """
         buf = cls.__new__(cls)
         memfd = os.dup(memfd)
@@ -174,6 +190,8 @@ class CoalescedBuffer:
         try:
             ring = _ring.Ring(self._map, size=ring_nbytes)
             ring._attach_notifier(efd, control + _SIGNALED_OFFSET)
+            if not initialize:          # attached: another process made it
+                ring._share_notifier()
         except BaseException:
             if ring is not None:
                 ring.release()   # its export of the map first, or the map cannot close
@@ -181,6 +199,7 @@ class CoalescedBuffer:
             raise
         self._ring = ring
         self._closed = False
+        self._close_lock = threading.RLock()   # two threads' close() would close fds twice
         self._pid = os.getpid()
         self._on_close: list[Any] = []
         _live_buffers.add(self)
@@ -236,6 +255,7 @@ class CoalescedBuffer:
         """
         if self._closed:
             raise ValueError("operation on a closed CoalescedBuffer")
+        self._ring._share_notifier()   # a peer may now change the eventfd's flags
         return self._memfd, self._efd
 
     def send(self, sock: socket.socket) -> None:
@@ -276,15 +296,19 @@ class CoalescedBuffer:
         if ring._consuming_here():
             raise RuntimeError("CoalescedBuffer.wait() called from inside a consume() handler "
                                "of its own ring, which cannot clear the wakeup")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        if timeout is not None and timeout != timeout:
+            raise ValueError("wait() timeout is NaN: give seconds, or None to wait for ever")
+        deadline = (None if timeout is None or timeout == math.inf
+                    else time.monotonic() + timeout)
         while True:
             if len(ring):
                 return True
             ring.drain(0)  # an empty consumer pass: clears the wakeup, re-checks the ring
             if deadline is None:
                 ms = -1
-            else:
-                ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+            else:   # a long timeout sleeps in steps: poll() takes an int of ms
+                ms = min(_MAX_SLEEP_MS,
+                         max(0, int((deadline - time.monotonic()) * 1000 + 0.999)))
             # The sleep and the check after it are C: the code that runs
             # between the wakeup and the return is what the wake latency pays.
             if ring._sleep(ms):
@@ -354,20 +378,28 @@ class CoalescedBuffer:
 
         Threads sleeping in :meth:`wait` or :meth:`wait_async` wake up and get
         ValueError.  Raises RuntimeError (and closes nothing) if called from
-        a consume() handler of this buffer's ring.
+        a consume() handler of this buffer's ring.  Safe to call from
+        several threads at once: one closes, the others return.
         """
-        if self._closed:
-            return
-        self._ring.release()   # first: it refuses from inside a handler
-        callbacks, self._on_close = self._on_close, []
-        for callback in callbacks:
-            callback(self)
-        self._closed = True
-        _live_buffers.discard(self)
-        self._map.close()
-        os.eventfd_write(self._efd, 1)   # wake every sleeper: they find the buffer closed
-        os.close(self._efd)
-        os.close(self._memfd)
+        with self._close_lock:
+            if self._closed:
+                return
+            self._ring.release()   # first: it refuses from inside a handler
+            self._closed = True    # a close() from a callback below returns at once
+            callbacks, self._on_close = self._on_close, []
+            for callback in callbacks:
+                callback(self)
+            _live_buffers.discard(self)
+            self._map.close()
+            # Wake every sleeper (they find the buffer closed).  A counter too
+            # full to write (a peer's doing) is readable already: skip it.
+            if select.select([], [self._efd], [], 0)[1]:
+                try:
+                    os.eventfd_write(self._efd, 1)
+                except BlockingIOError:
+                    pass
+            os.close(self._efd)
+            os.close(self._memfd)
 
     def __enter__(self) -> CoalescedBuffer:
         self._check()

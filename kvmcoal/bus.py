@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 from ._ring import Ring
 from .buffers import CoalescedBuffer
-from .errors import KvmcoalError
+from .errors import KvmcoalError, RingCorruptedError
 from .zones import Zone
 
 __all__ = ["Bus", "BusError", "Device", "Mapping", "MappingOverlapError", "UnmappedAccessError"]
@@ -179,7 +179,9 @@ class Bus:
                 producer.register_coalesced_mmio2(zone, mapping.buffer)  # type: ignore[attr-defined]
             else:
                 producer.register_coalesced_mmio(zone)
-        self._maps[mapping.pio].append(mapping)
+        # A new list, not an append: deliver() on another thread may be walking
+        # the old one (copy-on-write; the replacement is one atomic store).
+        self._maps[mapping.pio] = self._maps[mapping.pio] + [mapping]
         return mapping
 
     def unmap(self, mapping: Mapping) -> None:
@@ -194,14 +196,26 @@ class Bus:
                 producer.unregister_coalesced_mmio2(mapping.zone, mapping.buffer)  # type: ignore[attr-defined]
             else:
                 producer.unregister_coalesced_mmio(mapping.zone)
-            self.flush()
-            if mapping.buffer is not None:
-                with self._deliver_lock:
-                    self._drain_buffer(mapping)
-                    mapping.buffer.close()
-                if mapping._poller is not None:
-                    mapping._poller.join(5)
-        self._maps[mapping.pio].remove(mapping)
+            try:
+                self.flush()
+                if mapping.buffer is not None:
+                    with self._deliver_lock:
+                        self._drain_buffer(mapping)
+            finally:
+                # Even if the flush raised (a device failed, a ring is corrupted),
+                # the mapping goes: otherwise it could never be removed.
+                if mapping.buffer is not None:
+                    with self._deliver_lock:
+                        mapping.buffer.close()
+                    if mapping._poller is not None:
+                        mapping._poller.join(5)
+                self._remove_mapping(mapping)
+        else:
+            self._remove_mapping(mapping)
+
+    def _remove_mapping(self, mapping: Mapping) -> None:
+        # Copy-on-write, as in map().
+        self._maps[mapping.pio] = [m for m in self._maps[mapping.pio] if m is not mapping]
 
     def find(self, addr: int, size: int = 1, *, pio: bool = False) -> Mapping | None:
         """The mapping that holds ``[addr, addr + size)``, or None."""
@@ -315,9 +329,16 @@ class Bus:
                     with self._deliver_lock:
                         if not buf.closed:
                             buf.ring.consume(self.deliver)
-            except ValueError:   # closed under us by unmap/close
+            except RingCorruptedError as exc:
+                # A peer broke the ring: every later pass would fail the same
+                # way, at full speed.  Say so once and stop this poller.
+                self.poller_errors.append((mapping, exc))
                 return
-            except Exception as exc:   # a device model failed: keep it, keep polling
+            except Exception as exc:
+                if buf.closed:         # closed under us by unmap/close
+                    return
+                # A device model failed (a ValueError of its own included):
+                # keep the error, keep polling.
                 self.poller_errors.append((mapping, exc))
 
     async def poll_async(self, mapping: Mapping) -> None:
@@ -331,11 +352,17 @@ class Bus:
                 buf.ring.consume(self.deliver)
 
     def close(self) -> None:
-        """Flush, stop the pollers, unmap everything."""
-        self.flush()
-        self._stop.set()
-        for mapping in list(self.mappings):
-            self.unmap(mapping)
+        """Flush, stop the pollers, unmap everything.
+
+        If the flush raises (a device failed, a ring is corrupted), the
+        pollers are still stopped and everything unmapped; then it raises.
+        """
+        try:
+            self.flush()
+        finally:
+            self._stop.set()
+            for mapping in list(self.mappings):
+                self.unmap(mapping)
 
     def __enter__(self) -> Bus:
         return self

@@ -19,6 +19,7 @@ without the GIL, under one lock per ring as the kernel does.
 from __future__ import annotations
 
 import errno
+import threading
 import weakref
 
 from . import _ring
@@ -54,6 +55,9 @@ class EmulatedVm(_ring._ZoneBus):
         self._legacy = CoalescedBuffer(self.page_size)
         # (zone, buffer or None for the VM-wide ring), in registration order.
         self._zones: list[tuple[Zone, CoalescedBuffer | None]] = []
+        # Zone changes are read-modify-writes of _zones: one at a time.  (Writers
+        # never take it; they use the installed table they started with.)
+        self._zones_lock = threading.RLock()
         self._buffers: weakref.WeakSet[CoalescedBuffer] = weakref.WeakSet()
         self._closed = False
 
@@ -127,10 +131,11 @@ class EmulatedVm(_ring._ZoneBus):
         self._check()
         if not isinstance(zone, Zone):
             raise TypeError(f"zone must be a kvmcoal.Zone, not {type(zone).__name__!r}")
-        if sum(1 for z, _ in self._zones if z.pio == zone.pio) >= BUS_DEVICE_LIMIT:
-            raise BusFullError(zone.pio)
-        self._zones.append((zone, target))
-        self._install(zone.pio)
+        with self._zones_lock:
+            if sum(1 for z, _ in self._zones if z.pio == zone.pio) >= BUS_DEVICE_LIMIT:
+                raise BusFullError(zone.pio)
+            self._zones.append((zone, target))
+            self._install(zone.pio)
 
     def _remove(self, zone: Zone, matches) -> None:
         self._check()
@@ -140,11 +145,12 @@ class EmulatedVm(_ring._ZoneBus):
         # more is negative there and removes nothing.
         if zone.size >= 1 << 31:
             return
-        kept = [(z, t) for z, t in self._zones
-                if not (z.pio == zone.pio and matches(t) and z.contains(zone.addr, zone.size))]
-        if len(kept) != len(self._zones):
-            self._zones = kept
-            self._install(zone.pio)
+        with self._zones_lock:
+            kept = [(z, t) for z, t in self._zones
+                    if not (z.pio == zone.pio and matches(t) and z.contains(zone.addr, zone.size))]
+            if len(kept) != len(self._zones):
+                self._zones = kept
+                self._install(zone.pio)
 
     def _install(self, pio: bool) -> None:
         # The kernel's bus is sorted by (address, length) and a write tries
@@ -155,10 +161,11 @@ class EmulatedVm(_ring._ZoneBus):
         self._set_zones(pio, entries)
 
     def _buffer_closed(self, buffer: CoalescedBuffer) -> None:
-        if any(t is buffer for _, t in self._zones):
-            self._zones = [(z, t) for z, t in self._zones if t is not buffer]
-            self._install(False)
-            self._install(True)
+        with self._zones_lock:
+            if any(t is buffer for _, t in self._zones):
+                self._zones = [(z, t) for z, t in self._zones if t is not buffer]
+                self._install(False)
+                self._install(True)
 
     def close(self) -> None:
         """Close every buffer this VM created and the VM-wide ring."""

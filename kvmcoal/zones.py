@@ -37,6 +37,8 @@ class Zone:
     _pio: bool
 
     def __init__(self, addr: int, size: int, *, pio: bool = False) -> None:
+        if hasattr(self, "_addr"):   # a registered zone's hash and place must not change
+            raise TypeError("Zone is immutable: __init__ cannot be called again")
         object.__setattr__(self, "_addr", _check_int("addr", addr, _U64, "u64"))
         object.__setattr__(self, "_size", _check_int("size", size, _U32, "u32"))
         object.__setattr__(self, "_pio", bool(pio))

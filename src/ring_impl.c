@@ -23,6 +23,7 @@ int kc_ring_init(kc_ring *r, void *base, size_t nbytes)
     r->max = (uint32_t)max;
     r->efd = -1;
     r->signaled = NULL;
+    r->efd_shared = 0;
     return KC_OK;
 }
 
@@ -207,11 +208,36 @@ int kc_ring_claim_wakeup(const kc_ring *r)
                                        __ATOMIC_RELAXED);
 }
 
+/* The eventfd's O_NONBLOCK belongs to its open file description, which every
+ * process sharing the buffer holds: a peer can clear it.  So once the fd is
+ * shared neither side relies on it.  Each checks with a zero-timeout poll
+ * that its read or write cannot block, and otherwise skips it: a counter
+ * too full to write is readable already (the consumer will wake), and one
+ * with nothing to read has nothing to clear.  1: go ahead. */
+static int kc_efd_ready(const kc_ring *r, short events)
+{
+    struct pollfd p = {.fd = r->efd, .events = events};
+    int rc;
+
+    if (!r->efd_shared)
+        return 1;
+    while ((rc = poll(&p, 1, 0)) < 0) {
+        if (errno != EINTR)
+            return -1;
+    }
+    return rc > 0 && (p.revents & events);
+}
+
 int kc_ring_signal(const kc_ring *r)
 {
     uint64_t one = 1;
+    int ready = kc_efd_ready(r, POLLOUT);
 
+    if (ready <= 0)
+        return ready;
     while (write(r->efd, &one, sizeof one) < 0) {
+        if (errno == EAGAIN)        /* filled meanwhile: readable, as a signal needs */
+            return 0;
         if (errno != EINTR)
             return -1;
     }
@@ -229,11 +255,16 @@ int kc_ring_notify_consumer_idle(const kc_ring *r)
 
     if (r->efd < 0)
         return 0;
-    while (read(r->efd, &count, sizeof count) < 0) {
-        if (errno == EAGAIN)
-            break;
-        if (errno != EINTR)
-            return -1;
+    switch (kc_efd_ready(r, POLLIN)) {
+    case -1:
+        return -1;
+    case 1:
+        while (read(r->efd, &count, sizeof count) < 0) {
+            if (errno == EAGAIN)
+                break;
+            if (errno != EINTR)
+                return -1;
+        }
     }
     __atomic_store_n(r->signaled, 0, __ATOMIC_SEQ_CST);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);

@@ -69,6 +69,12 @@ typedef struct kc_ring {
      */
     int efd;
     uint32_t *signaled;
+    /*
+     * Set once the eventfd may be held by another process (its fds were
+     * handed out): its O_NONBLOCK, shared by every holder, can no longer be
+     * trusted, and each read or write of it is checked first (one poll()).
+     */
+    int efd_shared;
 } kc_ring;
 
 /* Number of slots a ring of nbytes holds, 0 if nbytes is too small. */

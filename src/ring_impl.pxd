@@ -12,6 +12,7 @@ cdef extern from "ring_impl.h" nogil:
         unsigned char *base
         uint32_t max
         int efd
+        int efd_shared
 
     size_t KC_ENTRY_SIZE
     size_t KC_HEADER_SIZE

@@ -21,18 +21,24 @@ cdef class _ZoneTable:
 
     def __cinit__(self, list entries):
         cdef Py_ssize_t i
+        cdef uint64_t addr, size
+        # A tuple of checked values first: the elements' own code (__index__)
+        # runs before the C array exists, and cannot change how many there are.
+        cdef tuple checked = tuple([(_as_u64(a, "zone addr"), _as_u64(z, "zone size"), r)
+                                    for a, z, r in tuple(entries)])
         self.rings = []
-        self.n = len(entries)
-        self.zones = <kc_zone *>PyMem_Malloc(max(self.n, 1) * sizeof(kc_zone))
+        self.n = 0
+        self.zones = <kc_zone *>PyMem_Malloc(max(len(checked), 1) * sizeof(kc_zone))
         if self.zones == NULL:
             raise MemoryError()
-        for i, (addr, size, ring) in enumerate(entries):
+        for i, (addr, size, ring) in enumerate(checked):
             if not isinstance(ring, Ring):
                 raise TypeError(f"zone target must be a Ring, not {type(ring).__name__!r}")
             self.rings.append(ring)
             self.zones[i].addr = addr
-            self.zones[i].end = (addr + size) & 0xFFFFFFFFFFFFFFFF
+            self.zones[i].end = addr + size   # wraps past 2**64 as the kernel's sum does
             self.zones[i].ring = <PyObject *>ring
+            self.n = i + 1      # write() sees only slots filled in
 
     def __dealloc__(self):
         PyMem_Free(self.zones)

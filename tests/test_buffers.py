@@ -532,3 +532,75 @@ def test_push_many_wakes_a_sleeping_consumer_once(buf):
     timer.join()
     assert [e.value for e in buf.ring.drain()] == list(range(50))
     assert not buf.readable()      # the one wakeup was cleared by the drain
+
+
+def _make_blocking(fd: int) -> None:
+    """What any process holding the buffer's eventfd can do to its shared flags."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+
+
+def test_a_peer_clearing_o_nonblock_cannot_hang_the_consumer(buf):
+    _make_blocking(buf.fds()[1])            # fds(): handed to a peer, which does this
+    t0 = time.monotonic()
+    assert buf.wait(0.2) is False                 # the idle read must not block
+    assert time.monotonic() - t0 < 2
+    assert buf.ring.push(1, b"a") and buf.wait(1)
+    assert len(buf.ring.drain()) == 1
+
+
+def test_a_peer_saturating_the_counter_cannot_freeze_producers_or_close():
+    """With O_NONBLOCK cleared and the counter one short of its limit, a write to the
+    eventfd would block with the producer lock held; kvmcoal skips it (the fd is
+    readable already), reports success for the entry it recorded, and closes."""
+    buf = CoalescedBuffer()
+    efd = buf.fds()[1]
+    _make_blocking(efd)
+    os.eventfd_write(efd, 0xFFFFFFFFFFFFFFFE)
+    done = threading.Event()
+
+    def produce() -> None:
+        for i in range(3):
+            assert buf.ring.push(i, b"x")
+            buf.ring.drain()             # re-arms the wakeup, so the next push signals
+        done.set()
+
+    threading.Thread(target=produce, daemon=True).start()
+    assert done.wait(5), "a producer blocked on the saturated eventfd"
+    buf.close()
+    assert buf.closed
+
+
+def test_close_from_two_threads_closes_each_fd_once():
+    for _ in range(20):
+        before = _open_fds()
+        buf = CoalescedBuffer()
+        buf.ring.push(1, b"a")
+        started = threading.Event()
+
+        def slow_consumer() -> None:
+            buf.ring.consume(lambda *a: (started.set(), time.sleep(0.05)))
+
+        consumer = threading.Thread(target=slow_consumer)
+        consumer.start()
+        started.wait(5)
+        closers = [threading.Thread(target=buf.close) for _ in range(2)]
+        for t in closers:
+            t.start()
+        reused = [os.eventfd(0) for _ in range(2)]   # likely the numbers close() frees
+        for t in closers + [consumer]:
+            t.join(5)
+        for fd in reused:
+            os.fstat(fd)                              # neither was closed by a second close()
+            os.close(fd)
+        assert _open_fds() == before
+
+
+def test_wait_takes_any_timeout():
+    with CoalescedBuffer() as buf:
+        threading.Timer(0.05, buf.ring.push, (1, b"a")).start()
+        assert buf.wait(30 * 24 * 3600) is True      # more ms than a C int holds
+        buf.ring.drain()
+        threading.Timer(0.05, buf.ring.push, (1, b"a")).start()
+        assert buf.wait(float("inf")) is True
+        with pytest.raises(ValueError, match="NaN"):
+            buf.wait(float("nan"))

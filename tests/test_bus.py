@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 import threading
+import time
 
 import pytest
 
-from kvmcoal import Bus, EmulatedVm, MappingOverlapError, UnmappedAccessError, Zone
+from kvmcoal import (Bus, EmulatedVm, MappingOverlapError, RingCorruptedError,
+                     UnmappedAccessError, Zone)
 from kvmcoal.devices import (Avatar2Peripheral, Doorbell, Framebuffer, FunctionDevice,
                              IndexDataPair, Uart16550, UnicornMmio)
 
@@ -287,3 +290,49 @@ def test_unmap_while_a_writer_runs_loses_nothing(vm):
     # Every write reached the device, in order, or was refused as unmapped
     # after the mapping was gone; none vanished.
     assert delivered + refused == list(range(total))
+
+
+def _own_buffer_bus(write):
+    vm = EmulatedVm()
+    bus = Bus(vm)
+    mapping = bus.map(FunctionDevice(write=write), 0x1000, 4, coalesced=True, own_buffer=True)
+    bus.start_pollers()
+    return vm, bus, mapping
+
+
+def _until(predicate, seconds: float = 5.0) -> bool:
+    end = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < end:
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_a_device_raising_valueerror_does_not_stop_its_poller():
+    got = []
+
+    def write(offset, size, value):
+        got.append(value)
+        if value == 1:
+            raise ValueError("bad value")
+
+    vm, bus, mapping = _own_buffer_bus(write)
+    bus.write(0x1000, 4, 1)
+    assert _until(lambda: len(bus.poller_errors) == 1)
+    bus.write(0x1000, 4, 2)
+    assert _until(lambda: got == [1, 2]), got
+    assert isinstance(bus.poller_errors[0][1], ValueError)
+    bus.close()
+    vm.close()
+
+
+def test_a_corrupted_own_buffer_stops_its_poller_with_one_error():
+    vm, bus, mapping = _own_buffer_bus(lambda *a: None)
+    struct.pack_into("<I", mapping.buffer._map, 4, 0xFFFFFFFF)   # a peer scribbles `last`
+    assert _until(lambda: not mapping._poller.is_alive())
+    assert len(bus.poller_errors) == 1
+    assert isinstance(bus.poller_errors[0][1], RingCorruptedError)
+    with pytest.raises(RingCorruptedError):
+        bus.close()                      # the final flush meets it too, and says so...
+    assert bus.mappings == [] and mapping.buffer.closed   # ...after unmapping everything
+    vm.close()
+

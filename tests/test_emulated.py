@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
@@ -180,3 +181,52 @@ def test_many_producer_threads_lose_nothing(vm):
         got = [e.value & 0xFFFFFFFF for e in drained if e.phys_addr == t * 8]
         assert got == accepted[t]
     assert sum(map(len, accepted)) == len(drained) > 0
+
+
+def test_zone_changes_from_threads_lose_none():
+    """Two threads unregistering different zones at once: every zone they removed is
+    gone (the read-modify-write of the zone list used to resurrect some)."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(5):
+            vm = EmulatedVm()
+            mine = {k: [Zone(0x10000 * (k + 1) + 16 * i, 16) for i in range(100)] for k in (0, 1)}
+            for zones in mine.values():
+                for z in zones:
+                    vm.register_coalesced_mmio(z)
+            threads = [threading.Thread(target=lambda k=k: [vm.unregister_coalesced_mmio(z)
+                                                           for z in mine[k]]) for k in (0, 1)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert vm.zones == [] and not any(vm.write(z.addr, b"\1")
+                                              for zs in mine.values() for z in zs)
+            vm.close()
+    finally:
+        sys.setswitchinterval(old)
+
+
+def test_zone_table_built_from_a_list_that_grows_meanwhile_does_not_overflow():
+    from kvmcoal import Ring
+    vm = EmulatedVm()
+    ring = Ring(bytearray(4096))
+    entries: list = []
+
+    class Grow:
+        def __index__(self):
+            entries.extend([(0x1000 + i, 8, ring) for i in range(1000)])
+            return 0
+
+    entries.append((Grow(), 8, ring))
+    vm._set_zones(False, entries)        # built from the one entry there was
+    assert vm.write(0, b"\1") and not vm.write(0x1000, b"\1")
+    vm.close()
+
+
+def test_zone_is_immutable_even_through_init():
+    z = Zone(0x1000, 8)
+    with pytest.raises(TypeError, match="immutable"):
+        z.__init__(0x2000, 8)
+    assert (z.addr, z.size) == (0x1000, 8)
