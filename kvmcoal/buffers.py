@@ -392,8 +392,10 @@ class CoalescedBuffer:
             _live_buffers.discard(self)
             self._map.close()
             # Wake every sleeper (they find the buffer closed).  A counter too
-            # full to write (a peer's doing) is readable already: skip it.
-            if select.select([], [self._efd], [], 0)[1]:
+            # full to write (a peer's doing) is readable already: skip it.  A
+            # forked child's copy has no sleepers: its write would only wake
+            # the parent's consumer for nothing.
+            if self._pid == os.getpid() and select.select([], [self._efd], [], 0)[1]:
                 try:
                     os.eventfd_write(self._efd, 1)
                 except BlockingIOError:

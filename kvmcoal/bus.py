@@ -36,7 +36,9 @@ and every entry is delivered exactly once.
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -114,6 +116,21 @@ class Mapping:
                 f"[{self.base:#x}, {self.base + self.size:#x})")
 
 
+# Buses alive in this process: a forked child gets fresh locks (a poller
+# thread of the parent may have held one at the fork, and it does not exist
+# in the child).
+_live_buses: weakref.WeakSet[Bus] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for bus in list(_live_buses):
+        bus._deliver_lock = threading.RLock()
+        bus._flushing = threading.local()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Bus:
     """Maps devices at MMIO and port ranges and keeps coalesced writes in order.
 
@@ -139,6 +156,7 @@ class Bus:
         # a poller delivers to it then cannot deadlock against another
         # poller (or the vCPU thread) taking the rings in the other order.
         self._deliver_lock = threading.RLock()
+        _live_buses.add(self)
         self._stop = threading.Event()
         self.poller_errors: list[tuple[Mapping, BaseException]] = []
         """Exceptions device models raised on poller threads (the poller goes on)."""

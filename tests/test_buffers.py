@@ -604,3 +604,12 @@ def test_wait_takes_any_timeout():
         assert buf.wait(float("inf")) is True
         with pytest.raises(ValueError, match="NaN"):
             buf.wait(float("nan"))
+
+
+def test_a_forked_childs_close_does_not_wake_the_parent(buf):
+    pid = os.fork()
+    if pid == 0:
+        buf.close()                      # or just exiting, through __del__
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert not buf.readable()            # no spurious wakeup from the child

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import struct
 import threading
 import time
 
 import pytest
 
-from kvmcoal import (Bus, EmulatedVm, MappingOverlapError, RingCorruptedError,
+from kvmcoal import (BufferForkedError, Bus, EmulatedVm, MappingOverlapError, RingCorruptedError,
                      UnmappedAccessError, Zone)
 from kvmcoal.devices import (Avatar2Peripheral, Doorbell, Framebuffer, FunctionDevice,
                              IndexDataPair, Uart16550, UnicornMmio)
@@ -336,3 +338,43 @@ def test_a_corrupted_own_buffer_stops_its_poller_with_one_error():
     assert bus.mappings == [] and mapping.buffer.closed   # ...after unmapping everything
     vm.close()
 
+
+
+def test_a_child_forked_while_a_poller_delivers_can_use_the_bus():
+    vm = EmulatedVm()
+    bus = Bus(vm)
+    delivering = threading.Event()
+
+    def slow(offset, size, value):
+        delivering.set()
+        time.sleep(0.5)
+
+    bus.map(FunctionDevice(write=slow), 0x1000, 4, coalesced=True, own_buffer=True)
+    bus.map(FunctionDevice(read=lambda o, s: 7), 0x2000, 4)
+    bus.start_pollers()
+    bus.write(0x1000, 4, 1)
+    assert delivering.wait(5)                  # the poller holds the delivery lock now
+    pid = os.fork()
+    if pid == 0:   # the inherited own buffer says so; before, the read hung on the lock
+        signal.alarm(5)
+        try:
+            bus.read(0x2000, 4)
+        except BufferForkedError:
+            os._exit(0)
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    bus.close()
+    vm.close()
+
+
+def test_a_framebuffer_mapped_larger_than_its_memory_never_grows():
+    vm = EmulatedVm()
+    bus = Bus(vm)
+    fb = Framebuffer(16)
+    bus.map(fb, 0x100, 0x100)
+    bus.write(0x100 + 0x20, 4, 0xAABBCCDD)     # past the end: ignored
+    bus.write(0x100 + 0xE, 4, 0x11223344)      # straddles the end: the part inside lands
+    assert len(fb.memory) == 16
+    assert fb.memory[14:16] == b"\x44\x33" and bus.read(0x100 + 0x20, 4) == 0
+    vm.close()

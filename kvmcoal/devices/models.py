@@ -33,7 +33,11 @@ class Uart16550:
 
 
 class Framebuffer:
-    """A linear framebuffer: an MMIO region backed by a bytearray."""
+    """A linear framebuffer: an MMIO region backed by a bytearray.
+
+    Mapped over a range larger than its memory, it reads the bytes past the
+    end as zero and ignores writes there (the memory never grows or shifts).
+    """
 
     def __init__(self, size: int) -> None:
         self.memory = bytearray(size)
@@ -43,7 +47,9 @@ class Framebuffer:
         return int.from_bytes(self.memory[offset:offset + size], "little")
 
     def write(self, offset: int, size: int, value: int) -> None:
-        self.memory[offset:offset + size] = value.to_bytes(size, "little")
+        end = min(offset + size, len(self.memory))
+        if offset < end:   # a slice assignment past the end would grow the bytearray
+            self.memory[offset:end] = value.to_bytes(size, "little")[:end - offset]
         self.writes += 1
 
 
