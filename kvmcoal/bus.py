@@ -14,8 +14,13 @@ in ring order, before anything could observe them:
   an index/data pair, a UART's status register);
 - before a coalesced write takes the exit path (its ring was full);
 - before a coalesced mapping is unmapped;
-- and, on real KVM, before every exit (:meth:`Bus.run` and
-  ``Vcpu.run_loop(bus.deliver, bus.load)``).
+- and, on real KVM, before every exit (:meth:`Bus.run`, which is
+  ``Vcpu.run_loop(bus.deliver, bus.load, drain=bus.flush)``).
+
+Drain rings into the bus through :meth:`Bus.flush` (or ``drain=bus.flush``),
+not with ``ring.consume(bus.deliver)`` directly: flush takes the bus's
+delivery lock before a ring's consumer lock, and a device that reads the
+bus from its write handler needs that order, or two threads deadlock.
 
 A flush never restarts itself: a device that touches the bus while it is
 being replayed does not start a nested flush (QEMU's flush-in-progress rule),
@@ -225,8 +230,13 @@ class Bus:
                 if mapping.buffer is not None:
                     with self._deliver_lock:
                         mapping.buffer.close()
-                    if mapping._poller is not None:
-                        mapping._poller.join(5)
+                    # The poller sees the buffer closed and ends.  Wait for it,
+                    # unless this thread is it, or holds the lock it needs to
+                    # get there (unmap() from a device handler).
+                    poller = mapping._poller
+                    if (poller is not None and poller is not threading.current_thread()
+                            and not self._deliver_lock._is_owned()):  # type: ignore[attr-defined]
+                        poller.join(5)
                 self._remove_mapping(mapping)
         else:
             self._remove_mapping(mapping)
@@ -276,7 +286,12 @@ class Bus:
     # -- the consumer side --
 
     def deliver(self, addr: int, data: bytes, pio: bool) -> None:
-        """Deliver one write as it comes from a ring or an exit (a Ring.consume handler)."""
+        """Deliver one write as it comes from a ring or an exit.
+
+        The handler :meth:`flush` gives each ring's ``consume``; draining a
+        ring with ``ring.consume(bus.deliver)`` yourself skips the bus's
+        delivery lock (see the module docstring).
+        """
         # The replay hot path: find() inlined.
         size = len(data)
         for mapping in self._maps[pio]:

@@ -378,3 +378,28 @@ def test_a_framebuffer_mapped_larger_than_its_memory_never_grows():
     assert len(fb.memory) == 16
     assert fb.memory[14:16] == b"\x44\x33" and bus.read(0x100 + 0x20, 4) == 0
     vm.close()
+
+
+def test_unmap_from_a_handler_does_not_wait_for_the_poller():
+    """A device handler running in a flush unmaps an own-buffer mapping: unmap must
+    not wait for that mapping's poller, which needs the lock the flush holds."""
+    vm = EmulatedVm()
+    bus = Bus(vm)
+    other = bus.map(FunctionDevice(), 0x2000, 4, coalesced=True, own_buffer=True)
+    bus.start_pollers()
+    took = []
+
+    def write(offset, size, value):
+        bus.write(0x2000, 4, 5)          # wakes other's poller, which waits for the lock
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        bus.unmap(other)                 # delivers that write here, then closes
+        took.append(time.monotonic() - t0)
+
+    bus.map(FunctionDevice(write=write), 0x1000, 4, coalesced=True)
+    bus.write(0x1000, 4, 1)
+    bus.flush()
+    assert took and took[0] < 2 and other not in bus.mappings
+    assert _until(lambda: not other._poller.is_alive())
+    bus.close()
+    vm.close()
