@@ -191,6 +191,13 @@ class Bus:
                 raise MappingOverlapError(f"{mapping} overlaps {other}")
         if own_buffer and not coalesced:
             raise ValueError("own_buffer needs coalesced=True")
+        if coalesced and (size >= 1 << 31 or base + size > 1 << 64):
+            # The kernel (and EmulatedVm, which follows it) compares a zone's
+            # length as an int and its end without wrapping: such a zone could
+            # be registered but never unregistered, so unmap() could not work.
+            raise ValueError(f"a coalesced mapping of {size:#x} bytes at {base:#x} could never "
+                             f"be unregistered: coalesced mappings must be under 2 GiB and end "
+                             f"at or below 2**64")
         if coalesced:
             producer = self._need_producer()
             if own_buffer:

@@ -403,3 +403,15 @@ def test_unmap_from_a_handler_does_not_wait_for_the_poller():
     assert _until(lambda: not other._poller.is_alive())
     bus.close()
     vm.close()
+
+
+def test_a_coalesced_mapping_that_could_never_be_unregistered_is_refused():
+    vm = EmulatedVm()
+    bus = Bus(vm)
+    for base, size in ((2**32, 2**31), (2**64 - 8, 16)):
+        with pytest.raises(ValueError, match="never be unregistered"):
+            bus.map(FunctionDevice(), base, size, coalesced=True)
+    assert vm.zones == [] and bus.mappings == []
+    bus.unmap(bus.map(FunctionDevice(), 2**32, 2**31 - 1, coalesced=True))
+    assert vm.zones == []
+    vm.close()
