@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import math
 import mmap
 import os
 import select
@@ -52,6 +51,7 @@ _SIGNALED_OFFSET = 16                 # offset of the signalled word in the bloc
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 # wait() sleeps at most this long per poll(): its timeout is a C int of ms.
 _MAX_SLEEP_MS = 2**31 - 1
+_FOREVER_S = 100 * 365 * 24 * 3600
 
 
 class BufferForkedError(KvmcoalError):
@@ -250,6 +250,10 @@ class CoalescedBuffer:
     def fds(self) -> tuple[int, int]:
         """(memfd, eventfd) to hand to a peer (``socket.send_fds``, ``pass_fds``).
 
+        Hand these, not :meth:`fileno`, to other processes: calling ``fds()``
+        is what tells the buffer that a peer may now change the eventfd's
+        flags, so that it checks each read and write of it first.
+
         They stay owned by this buffer; in a child that inherited the buffer
         across fork() they are still valid for :meth:`attach`.
         """
@@ -298,7 +302,10 @@ class CoalescedBuffer:
                                "of its own ring, which cannot clear the wakeup")
         if timeout is not None and timeout != timeout:
             raise ValueError("wait() timeout is NaN: give seconds, or None to wait for ever")
-        deadline = (None if timeout is None or timeout == math.inf
+        if timeout is not None and timeout < 0:
+            timeout = 0
+        # Beyond a century is for ever (and keeps the arithmetic below finite).
+        deadline = (None if timeout is None or timeout > _FOREVER_S
                     else time.monotonic() + timeout)
         while True:
             if len(ring):
@@ -387,21 +394,28 @@ class CoalescedBuffer:
             self._ring.release()   # first: it refuses from inside a handler
             self._closed = True    # a close() from a callback below returns at once
             callbacks, self._on_close = self._on_close, []
-            for callback in callbacks:
-                callback(self)
-            _live_buffers.discard(self)
-            self._map.close()
-            # Wake every sleeper (they find the buffer closed).  A counter too
-            # full to write (a peer's doing) is readable already: skip it.  A
-            # forked child's copy has no sleepers: its write would only wake
-            # the parent's consumer for nothing.
-            if self._pid == os.getpid() and select.select([], [self._efd], [], 0)[1]:
-                try:
-                    os.eventfd_write(self._efd, 1)
-                except BlockingIOError:
-                    pass
-            os.close(self._efd)
-            os.close(self._memfd)
+            try:
+                for callback in callbacks:
+                    callback(self)
+            finally:               # a callback that raised must not leak the fds
+                _live_buffers.discard(self)
+                self._map.close()
+                # Wake every sleeper (they find the buffer closed).  A counter
+                # too full to write (a peer's doing) is readable already: skip
+                # it.  A forked child's copy has no sleepers: its write would
+                # only wake the parent's consumer for nothing.
+                if self._pid == os.getpid() and self._efd_writable():
+                    try:
+                        os.eventfd_write(self._efd, 1)
+                    except BlockingIOError:
+                        pass
+                os.close(self._efd)
+                os.close(self._memfd)
+
+    def _efd_writable(self) -> bool:
+        poller = select.poll()     # poll, not select: any fd number
+        poller.register(self._efd, select.POLLOUT)
+        return bool(poller.poll(0))
 
     def __enter__(self) -> CoalescedBuffer:
         self._check()

@@ -161,6 +161,7 @@ class Bus:
         # a poller delivers to it then cannot deadlock against another
         # poller (or the vCPU thread) taking the rings in the other order.
         self._deliver_lock = threading.RLock()
+        self._maps_lock = threading.Lock()   # map()/unmap() replace _maps one at a time
         _live_buses.add(self)
         self._stop = threading.Event()
         self.poller_errors: list[tuple[Mapping, BaseException]] = []
@@ -191,13 +192,13 @@ class Bus:
                 raise MappingOverlapError(f"{mapping} overlaps {other}")
         if own_buffer and not coalesced:
             raise ValueError("own_buffer needs coalesced=True")
-        if coalesced and (size >= 1 << 31 or base + size > 1 << 64):
+        if coalesced and (size >= 1 << 31 or base + size >= 1 << 64):
             # The kernel (and EmulatedVm, which follows it) compares a zone's
             # length as an int and its end without wrapping: such a zone could
             # be registered but never unregistered, so unmap() could not work.
             raise ValueError(f"a coalesced mapping of {size:#x} bytes at {base:#x} could never "
                              f"be unregistered: coalesced mappings must be under 2 GiB and end "
-                             f"at or below 2**64")
+                             f"below 2**64")
         if coalesced:
             producer = self._need_producer()
             if own_buffer:
@@ -211,13 +212,18 @@ class Bus:
                 producer.register_coalesced_mmio(zone)
         # A new list, not an append: deliver() on another thread may be walking
         # the old one (copy-on-write; the replacement is one atomic store).
-        self._maps[mapping.pio] = self._maps[mapping.pio] + [mapping]
+        with self._maps_lock:
+            self._maps[mapping.pio] = self._maps[mapping.pio] + [mapping]
         return mapping
 
     def unmap(self, mapping: Mapping) -> None:
         """Remove *mapping*, first delivering every write still pending for it."""
         if mapping not in self._maps[mapping.pio]:
             raise BusError(f"{mapping} is not mapped on this bus")
+        if mapping.buffer is not None and mapping.buffer.ring._consuming_here():
+            raise RuntimeError(f"unmap({mapping}) from a handler its own buffer's delivery is "
+                               f"calling (its poller, or a flush draining it): unmap it after "
+                               f"that delivery returns")
         if mapping.coalesced:
             # Stop new writes coalescing first, then deliver what is queued,
             # and only then let go of the mapping and its buffer.
@@ -250,7 +256,8 @@ class Bus:
 
     def _remove_mapping(self, mapping: Mapping) -> None:
         # Copy-on-write, as in map().
-        self._maps[mapping.pio] = [m for m in self._maps[mapping.pio] if m is not mapping]
+        with self._maps_lock:
+            self._maps[mapping.pio] = [m for m in self._maps[mapping.pio] if m is not mapping]
 
     def find(self, addr: int, size: int = 1, *, pio: bool = False) -> Mapping | None:
         """The mapping that holds ``[addr, addr + size)``, or None."""
@@ -397,12 +404,19 @@ class Bus:
         If the flush raises (a device failed, a ring is corrupted), the
         pollers are still stopped and everything unmapped; then it raises.
         """
+        errors: list[BaseException] = []
         try:
             self.flush()
-        finally:
-            self._stop.set()
-            for mapping in list(self.mappings):
+        except Exception as exc:
+            errors.append(exc)
+        self._stop.set()
+        for mapping in list(self.mappings):
+            try:
                 self.unmap(mapping)
+            except Exception as exc:   # unmap removed it anyway; go on with the rest
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> Bus:
         return self

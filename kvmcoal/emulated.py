@@ -132,10 +132,18 @@ class EmulatedVm(_ring._ZoneBus):
         if not isinstance(zone, Zone):
             raise TypeError(f"zone must be a kvmcoal.Zone, not {type(zone).__name__!r}")
         with self._zones_lock:
+            self._check()
+            if target is not None:
+                self._check_buffer(target)     # under the lock: close() may race us
             if sum(1 for z, _ in self._zones if z.pio == zone.pio) >= BUS_DEVICE_LIMIT:
                 raise BusFullError(zone.pio)
-            self._zones.append((zone, target))
-            self._install(zone.pio)
+            previous = self._zones
+            self._zones = previous + [(zone, target)]
+            try:
+                self._install(zone.pio)
+            except BaseException:
+                self._zones = previous          # nothing half-registered
+                raise
 
     def _remove(self, zone: Zone, matches) -> None:
         self._check()

@@ -574,9 +574,7 @@ cdef class Ring:
     def _share_notifier(self):
         """The notifier eventfd may now be held by other processes: check each of
         its reads and writes first (see kc_ring.efd_shared).  Idempotent."""
-        pthread_mutex_lock(&self._plock)
-        self._r.efd_shared = 1
-        pthread_mutex_unlock(&self._plock)
+        kc_ring_share_efd(&self._r)
 
     def _dup_notifier_fd(self):
         """A new close-on-exec duplicate of the notifier eventfd; the caller closes it.

@@ -189,6 +189,11 @@ void kc_ring_reset(const kc_ring *r)
     __atomic_store_n(kc_last_ptr(r), 0, __ATOMIC_RELEASE);
 }
 
+void kc_ring_share_efd(kc_ring *r)
+{
+    __atomic_store_n(&r->efd_shared, 1, __ATOMIC_RELAXED);
+}
+
 void kc_ring_set_notifier(kc_ring *r, int efd, uint32_t *signaled)
 {
     r->efd = signaled ? efd : -1;
@@ -219,7 +224,7 @@ static int kc_efd_ready(const kc_ring *r, short events)
     struct pollfd p = {.fd = r->efd, .events = events};
     int rc;
 
-    if (!r->efd_shared)
+    if (!__atomic_load_n(&r->efd_shared, __ATOMIC_RELAXED))
         return 1;
     while ((rc = poll(&p, 1, 0)) < 0) {
         if (errno != EINTR)

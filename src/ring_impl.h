@@ -73,6 +73,9 @@ typedef struct kc_ring {
      * Set once the eventfd may be held by another process (its fds were
      * handed out): its O_NONBLOCK, shared by every holder, can no longer be
      * trusted, and each read or write of it is checked first (one poll()).
+     * A peer racing to fill the counter between that check and the write
+     * can still block the write: the check narrows the hazard to that
+     * race, it cannot close it (eventfd has no per-call non-blocking flag).
      */
     int efd_shared;
 } kc_ring;
@@ -254,6 +257,9 @@ int kc_ring_init(kc_ring *r, void *base, size_t nbytes);
  * can cause spurious or missed wakeups, never a memory error.
  */
 void kc_ring_set_notifier(kc_ring *r, int efd, uint32_t *signaled);
+/* The eventfd may now be held by other processes (see kc_ring.efd_shared);
+ * atomic, as producers and consumers read the flag without a lock. */
+void kc_ring_share_efd(kc_ring *r);
 /*
  * The producer's step in two halves, so that a caller can drop a lock (the
  * GIL) around the system call: claim returns 1 if this producer must signal

@@ -52,6 +52,7 @@ cdef extern from "ring_impl.h" nogil:
                               uint32_t *bad, uint32_t *bad_index)
     void kc_ring_reset(const kc_ring *r)
     void kc_ring_set_notifier(kc_ring *r, int efd, uint32_t *signaled)
+    void kc_ring_share_efd(kc_ring *r)
     int kc_ring_claim_wakeup(const kc_ring *r)
     int kc_ring_signal(const kc_ring *r)
     int kc_ring_notify_producer(const kc_ring *r)

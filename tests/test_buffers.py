@@ -613,3 +613,51 @@ def test_a_forked_childs_close_does_not_wake_the_parent(buf):
         os._exit(0)
     os.waitpid(pid, 0)
     assert not buf.readable()            # no spurious wakeup from the child
+
+
+def test_close_with_an_eventfd_numbered_past_1024_closes_everything():
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        buf = CoalescedBuffer()
+        assert buf.fileno() >= 1024
+        memfd, efd = buf.fds()
+        buf.close()
+        for fd in (memfd, efd):
+            with pytest.raises(OSError):
+                os.fstat(fd)
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_close_callback_that_raises_does_not_leak_the_fds():
+    buf = CoalescedBuffer()
+    memfd, efd = buf.fds()
+
+    def failing(_buf):
+        raise KeyError("callback failed")
+
+    buf._on_close.append(failing)
+    with pytest.raises(KeyError):
+        buf.close()
+    assert buf.closed
+    for fd in (memfd, efd):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+@pytest.mark.parametrize("timeout", [1e300, 1e307, 1e308, float("inf")])
+def test_wait_takes_huge_timeouts(buf, timeout):
+    threading.Timer(0.05, buf.ring.push, (1, b"a")).start()
+    assert buf.wait(timeout) is True
+
+
+@pytest.mark.parametrize("timeout", [-1, -1e308, float("-inf")])
+def test_a_negative_timeout_is_no_wait(buf, timeout):
+    assert buf.wait(timeout) is False

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import struct
+import sys
 import threading
 import time
 
@@ -415,3 +416,76 @@ def test_a_coalesced_mapping_that_could_never_be_unregistered_is_refused():
     bus.unmap(bus.map(FunctionDevice(), 2**32, 2**31 - 1, coalesced=True))
     assert vm.zones == []
     vm.close()
+
+
+def test_close_unmaps_everything_even_when_several_flushes_fail():
+    vm = EmulatedVm()
+    bus = Bus(vm)
+
+    def broken(offset, size, value):
+        raise KeyError("device failed")
+
+    for base in (0x1000, 0x2000):
+        bus.map(FunctionDevice(write=broken), base, 4, coalesced=True)
+        bus.write(base, 4, 1)
+    own = bus.map(FunctionDevice(write=broken), 0x3000, 4, coalesced=True, own_buffer=True)
+    bus.write(0x3000, 4, 1)
+    with pytest.raises(KeyError):
+        bus.close()
+    assert bus.mappings == [] and vm.zones == [] and own.buffer.closed
+    vm.close()
+
+
+def test_unmap_from_its_own_buffers_delivery_is_refused_cleanly():
+    vm = EmulatedVm()
+    bus = Bus(vm)
+    refused = []
+
+    def write(offset, size, value):
+        with pytest.raises(RuntimeError, match="its own buffer's delivery"):
+            bus.unmap(mapping)
+        refused.append(value)
+
+    mapping = bus.map(FunctionDevice(write=write), 0x1000, 4, coalesced=True, own_buffer=True)
+    bus.write(0x1000, 4, 1)
+    bus.flush()
+    assert refused == [1] and mapping in bus.mappings and vm.zones   # nothing half-done
+    bus.unmap(mapping)
+    assert bus.mappings == [] and vm.zones == []
+    vm.close()
+
+
+def test_a_coalesced_mapping_ending_exactly_at_2_64_is_refused():
+    vm = EmulatedVm()
+    bus = Bus(vm)
+    with pytest.raises(ValueError, match="never be unregistered"):
+        bus.map(FunctionDevice(), 2**64 - 0x1000, 0x1000, coalesced=True)
+    vm.close()
+
+
+def test_map_and_unmap_from_two_threads_lose_no_mapping():
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        vm = EmulatedVm()
+        bus = Bus(vm)
+        doomed = [bus.map(FunctionDevice(), 0x100000 + 0x10 * i, 0x10) for i in range(200)]
+        added = []
+        adder = threading.Thread(target=lambda: added.extend(
+            bus.map(FunctionDevice(), 0x200000 + 0x10 * i, 0x10) for i in range(200)))
+        remover = threading.Thread(target=lambda: [bus.unmap(m) for m in doomed])
+        adder.start()
+        remover.start()
+        adder.join()
+        remover.join()
+        assert sorted(m.base for m in bus.mappings) == sorted(m.base for m in added)
+        vm.close()
+    finally:
+        sys.setswitchinterval(old)
+
+
+def test_a_framebuffer_with_a_negative_device_offset_stays_in_place():
+    fb = Framebuffer(16)
+    fb.write(-2, 4, 0x11223344)
+    assert len(fb.memory) == 16 and fb.memory[:2] == b"\x22\x11"
+    assert fb.read(-2, 4) == 0x11220000

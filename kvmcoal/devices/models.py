@@ -44,12 +44,17 @@ class Framebuffer:
         self.writes = 0
 
     def read(self, offset: int, size: int) -> int:
+        if offset < 0:       # bytes before the memory read as zero
+            return int.from_bytes(self.memory[0:max(offset + size, 0)], "little") << (-8 * offset) \
+                if offset + size > 0 else 0
         return int.from_bytes(self.memory[offset:offset + size], "little")
 
     def write(self, offset: int, size: int, value: int) -> None:
-        end = min(offset + size, len(self.memory))
-        if offset < end:   # a slice assignment past the end would grow the bytearray
-            self.memory[offset:end] = value.to_bytes(size, "little")[:end - offset]
+        # Only the bytes inside the memory land: a slice reaching past either
+        # end would grow the bytearray or count from its far end.
+        start, end = max(offset, 0), min(offset + size, len(self.memory))
+        if start < end:
+            self.memory[start:end] = value.to_bytes(size, "little")[start - offset:end - offset]
         self.writes += 1
 
 
