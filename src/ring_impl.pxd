@@ -53,6 +53,13 @@ cdef extern from "ring_impl.h" nogil:
     void kc_ring_reset(const kc_ring *r)
     void kc_ring_set_notifier(kc_ring *r, int efd, uint32_t *signaled)
     void kc_ring_share_efd(kc_ring *r)
+
+    ctypedef struct kc_grace:
+        int epoch
+    int kc_grace_enter(kc_grace *g)
+    void kc_grace_exit(kc_grace *g, int idx)
+    int kc_grace_flip(kc_grace *g)
+    int kc_grace_done(kc_grace *g, int old)
     int kc_ring_claim_wakeup(const kc_ring *r)
     int kc_ring_signal(const kc_ring *r)
     int kc_ring_notify_producer(const kc_ring *r)

@@ -4,6 +4,9 @@
 
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
 
 cdef struct kc_zone:
     uint64_t addr
@@ -52,18 +55,32 @@ cdef class _ZoneBus:
 
     cdef _ZoneTable _mmio
     cdef _ZoneTable _pio
+    # Writers still using a replaced table finish before _set_zones returns:
+    # an unregister followed by a drain then sees every write that the old
+    # table let in (the kernel waits with SRCU for the same reason).
+    cdef kc_grace _grace
 
     def __cinit__(self, *args, **kwargs):
         self._mmio = _EMPTY_TABLE
         self._pio = _EMPTY_TABLE
 
     def _set_zones(self, bint pio, list entries):
-        """Install *entries*, ``(addr, size, ring)`` in the order writes try them."""
+        """Install *entries*, ``(addr, size, ring)`` in the order writes try them.
+
+        Returns once no write still uses the table it replaced.
+        """
+        cdef int old
         table = _ZoneTable(entries)
+        # Install and flip in one hold of the GIL, under which writers pick
+        # their table and epoch: a writer has either both old or both new.
         if pio:
             self._pio = table
         else:
             self._mmio = table
+        old = kc_grace_flip(&self._grace)
+        with nogil:
+            while not kc_grace_done(&self._grace, old):
+                sched_yield()
 
     def write(self, phys_addr, data, *, pio=False):
         """A guest store: True if coalesced into a zone's ring, False for the exit path.
@@ -80,20 +97,25 @@ cdef class _ZoneBus:
         cdef Py_ssize_t i
         cdef int rc, err = 0
         cdef bint must_signal
+        cdef int epoch
         _fill_entry(&e, phys_addr, data, pio)
-        table = self._pio if e.pio else self._mmio
         end = e.phys_addr + e.len
         if end < e.phys_addr:  # the access wraps past 2**64: never in range
             return False
-        for i in range(table.n):
-            z = &table.zones[i]
-            if e.phys_addr >= z.addr and end <= z.end:
-                ring = <Ring>z.ring
-                with nogil:
-                    rc = ring._produce(&e, &must_signal)
-                    if must_signal:
-                        err = ring._signal()
-                _check_signal(err)
-                if rc == KC_PUSH_OK:
-                    return True
-        return False
+        epoch = kc_grace_enter(&self._grace)
+        try:
+            table = self._pio if e.pio else self._mmio
+            for i in range(table.n):
+                z = &table.zones[i]
+                if e.phys_addr >= z.addr and end <= z.end:
+                    ring = <Ring>z.ring
+                    with nogil:
+                        rc = ring._produce(&e, &must_signal)
+                        if must_signal:
+                            err = ring._signal()
+                    _check_signal(err)
+                    if rc == KC_PUSH_OK:
+                        return True
+            return False
+        finally:
+            kc_grace_exit(&self._grace, epoch)

@@ -489,3 +489,4 @@ def test_a_framebuffer_with_a_negative_device_offset_stays_in_place():
     fb.write(-2, 4, 0x11223344)
     assert len(fb.memory) == 16 and fb.memory[:2] == b"\x22\x11"
     assert fb.read(-2, 4) == 0x11220000
+

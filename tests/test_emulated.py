@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 import pytest
 
@@ -230,3 +231,31 @@ def test_zone_is_immutable_even_through_init():
     with pytest.raises(TypeError, match="immutable"):
         z.__init__(0x2000, 8)
     assert (z.addr, z.size) == (0x1000, 8)
+
+
+def test_unregister_returns_only_after_writes_using_the_old_zones_finish():
+    """A write that picked the zone table before an unregister may still be pushing
+    (here: waiting for the ring's producer lock, which a long push_many holds).
+    Unregister waits for it, as the kernel waits with SRCU, so a drain after the
+    unregister sees that write, and nothing the write reported as coalesced is lost
+    when the buffer is closed next."""
+    vm = EmulatedVm()
+    buf = vm.create_coalesced_buffer(size=64 << 20)      # a push_many that takes a while
+    zone = Zone(0x1000, 4)
+    vm.register_coalesced_mmio2(zone, buf)
+    records = bytearray(buf.ring.capacity * 24)
+    for i in range(0, len(records), 24):
+        records[i:i + 24] = (0x9000).to_bytes(8, "little") + (1).to_bytes(4, "little") \
+            + bytes(4) + b"\x01" + bytes(7)
+    holding = threading.Thread(target=buf.ring.push_many, args=(records,))
+    holding.start()                                      # holds the producer lock, no GIL
+    time.sleep(0.002)
+    wrote = []
+    writer = threading.Thread(target=lambda: wrote.append(vm.write(0x1000, b"\x2a")))
+    writer.start()                                       # picks the table, waits for the lock
+    time.sleep(0.002)
+    vm.unregister_coalesced_mmio2(zone, buf)
+    assert not writer.is_alive() and wrote, "unregister returned with a write in flight"
+    holding.join()
+    writer.join()
+    vm.close()
