@@ -399,7 +399,10 @@ class CoalescedBuffer:
                     callback(self)
             finally:               # a callback that raised must not leak the fds
                 _live_buffers.discard(self)
-                self._map.close()
+                try:
+                    self._map.close()
+                except BufferError:
+                    pass           # a caller's view of it keeps it mapped; it goes with that
                 # Wake every sleeper (they find the buffer closed).  A counter
                 # too full to write (a peer's doing) is readable already: skip
                 # it.  A forked child's copy has no sleepers: its write would

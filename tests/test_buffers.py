@@ -661,3 +661,14 @@ def test_wait_takes_huge_timeouts(buf, timeout):
 @pytest.mark.parametrize("timeout", [-1, -1e308, float("-inf")])
 def test_a_negative_timeout_is_no_wait(buf, timeout):
     assert buf.wait(timeout) is False
+
+
+def test_close_with_a_view_of_the_memory_alive_still_closes_the_fds():
+    buf = CoalescedBuffer()
+    memfd, efd = buf.fds()
+    view = memoryview(buf._map)          # as a caller's numpy view of the ring would
+    buf.close()
+    for fd in (memfd, efd):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    view.release()
