@@ -278,10 +278,11 @@ class CoalescedBuffer:
             for fd in fds:
                 os.close(fd)
 
-    def _poll_fd(self, timeout_ms: int) -> bool:
-        # A poll object per call: several threads may wait at once.
+    def _poll_fd(self, timeout_ms: int, events: int = select.POLLIN) -> bool:
+        # A poll object per call: several threads may wait at once.  poll, not
+        # select: any fd number.
         poller = select.poll()
-        poller.register(self._efd, select.POLLIN)
+        poller.register(self._efd, events)
         return bool(poller.poll(timeout_ms))
 
     def readable(self) -> bool:
@@ -407,18 +408,13 @@ class CoalescedBuffer:
                 # too full to write (a peer's doing) is readable already: skip
                 # it.  A forked child's copy has no sleepers: its write would
                 # only wake the parent's consumer for nothing.
-                if self._pid == os.getpid() and self._efd_writable():
+                if self._pid == os.getpid() and self._poll_fd(0, select.POLLOUT):
                     try:
                         os.eventfd_write(self._efd, 1)
                     except BlockingIOError:
                         pass
                 os.close(self._efd)
                 os.close(self._memfd)
-
-    def _efd_writable(self) -> bool:
-        poller = select.poll()     # poll, not select: any fd number
-        poller.register(self._efd, select.POLLOUT)
-        return bool(poller.poll(0))
 
     def __enter__(self) -> CoalescedBuffer:
         self._check()

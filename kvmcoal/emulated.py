@@ -98,8 +98,7 @@ class EmulatedVm(_ring._ZoneBus):
 
     def register_coalesced_mmio2(self, zone: Zone, buffer: CoalescedBuffer) -> None:
         """Coalesce writes in *zone* into *buffer*'s ring."""
-        self._check_buffer(buffer)
-        self._add(zone, buffer)
+        self._add(zone, buffer)   # checks the buffer, under the zones' lock
 
     def unregister_coalesced_mmio2(self, zone: Zone, buffer: CoalescedBuffer) -> None:
         """Remove every zone bound to *buffer* of the same kind that contains *zone*."""
@@ -128,13 +127,14 @@ class EmulatedVm(_ring._ZoneBus):
                              "with this VM's create_coalesced_buffer()")
 
     def _add(self, zone: Zone, target: CoalescedBuffer | None) -> None:
-        self._check()
-        if not isinstance(zone, Zone):
-            raise TypeError(f"zone must be a kvmcoal.Zone, not {type(zone).__name__!r}")
         with self._zones_lock:
-            self._check()
-            if target is not None:
-                self._check_buffer(target)     # under the lock: close() may race us
+            # Under the lock: a close() of the VM or the buffer may race us.
+            if target is None:
+                self._check()
+            else:
+                self._check_buffer(target)
+            if not isinstance(zone, Zone):
+                raise TypeError(f"zone must be a kvmcoal.Zone, not {type(zone).__name__!r}")
             if sum(1 for z, _ in self._zones if z.pio == zone.pio) >= BUS_DEVICE_LIMIT:
                 raise BusFullError(zone.pio)
             previous = self._zones

@@ -355,6 +355,11 @@ cdef class Ring:
         if self._sleep_fd >= 0:
             close(self._sleep_fd)
 
+    cdef inline bint _overlaps(self, const void *buf, Py_ssize_t n):
+        """Whether [buf, buf + n) shares a byte with the ring's own memory."""
+        return (n > 0 and <const char *>buf < <const char *>self._view.buf + self._nbytes
+                and <const char *>self._view.buf < <const char *>buf + n)
+
     cdef inline int _check_live(self) except -1:
         if not self._live:
             raise ValueError("operation on a released Ring")
@@ -650,8 +655,7 @@ cdef class Ring:
                                  f"{view.len} bytes")
             # Records read from the ring's own memory would read what this
             # call has just written there.
-            if (view.len and <const char *>view.buf < <char *>self._view.buf + self._nbytes
-                    and <char *>self._view.buf < <const char *>view.buf + view.len):
+            if self._overlaps(view.buf, view.len):
                 raise ValueError("push_many(): records overlap the ring's own memory")
             n = <size_t>view.len // KC_ENTRY_SIZE
             # Every record is checked before any is pushed: bad input pushes
@@ -765,8 +769,7 @@ cdef class Ring:
         try:
             # The batch is copied in one go, then checked where it landed:
             # that must be memory of the caller's, not the ring it reads.
-            if (view.len and <char *>view.buf < <char *>self._view.buf + self._nbytes
-                    and <char *>self._view.buf < <char *>view.buf + view.len):
+            if self._overlaps(view.buf, view.len):
                 raise ValueError("drain_into(): out overlaps the ring's own memory")
             if not self._enter_consumer():
                 return 0
