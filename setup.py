@@ -1,7 +1,14 @@
-"""Build the C core, kvmcoal._ring, from src/ring.pyx and src/ring_impl.c.
+"""Build kvmcoal's three C extensions, one per concept:
 
-The metadata lives in pyproject.toml; this file only describes the extension.
-<linux/kvm.h> comes from the system's kernel headers (Debian: linux-libc-dev).
+- kvmcoal._ring       the ring (src/ring.pyx, src/ring_impl.c; its C header
+                      kvmcoal/include/ring_impl.h and Cython interface
+                      kvmcoal/_ring.pxd ship with the package for cimporters);
+- kvmcoal._zone_bus   the emulated kernel's zone bus (src/zone_bus.pyx, src/grace.h),
+                      which cimports the ring;
+- kvmcoal.kvm._abi    the /dev/kvm ABI (src/kvm_abi.pyx, src/linux_kvm.pxd).
+
+The metadata lives in pyproject.toml.  <linux/kvm.h> comes from the system's
+kernel headers (Debian: linux-libc-dev).
 """
 
 import os
@@ -11,7 +18,7 @@ from setuptools import Extension, setup
 
 extra_compile_args = ["-O2", "-Wall", "-Wno-unused-function"]
 extra_link_args = []
-# KVMCOAL_SANITIZE=address,undefined builds an instrumented extension for CI.
+# KVMCOAL_SANITIZE=address,undefined builds instrumented extensions for CI.
 sanitize = os.environ.get("KVMCOAL_SANITIZE")
 if sanitize:
     flags = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
@@ -19,19 +26,19 @@ if sanitize:
     extra_compile_args += flags
     extra_link_args += flags
 
-ring = Extension(
-    "kvmcoal._ring",
-    sources=["src/ring.pyx", "src/ring_impl.c"],
-    include_dirs=["src"],
-    depends=["src/ring_impl.h", "src/ring_impl.pxd", "src/kvm_abi.pxd", "src/kvm.pxi", "src/zone_bus.pxi"],
-    extra_compile_args=extra_compile_args,
-    extra_link_args=extra_link_args,
-)
+
+def extension(name, sources, depends):
+    return Extension(name, sources=sources, include_dirs=["kvmcoal/include", "src"],
+                     depends=["kvmcoal/include/ring_impl.h", "kvmcoal/_ring.pxd", *depends],
+                     extra_compile_args=extra_compile_args, extra_link_args=extra_link_args)
+
 
 setup(
     ext_modules=cythonize(
-        [ring],
-        include_path=["src"],
+        [extension("kvmcoal._ring", ["src/ring.pyx", "src/ring_impl.c"], []),
+         extension("kvmcoal._zone_bus", ["src/zone_bus.pyx"], ["src/grace.h"]),
+         extension("kvmcoal.kvm._abi", ["src/kvm_abi.pyx"], ["src/linux_kvm.pxd"])],
+        include_path=["src", "."],
         compiler_directives={"language_level": 3, "embedsignature": True},
     ),
 )

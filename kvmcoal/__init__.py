@@ -4,11 +4,9 @@ The ring is the shared page on which a producer (the kernel, or kvmcoal's
 model of it) records guest writes to device registers, and from which a
 consumer replays them, in order, without a VM exit per write.
 
-Set ``KVMCOAL_NO_EXTENSIONS=1`` to make ``kvmcoal.Ring``, ``kvmcoal.Entry``
-and ``kvmcoal.ring_max`` the pure-Python twin of the ring instead of the C
-core (slower; the same behaviour).  The rings that ``EmulatedVm``,
-``CoalescedBuffer`` and ``kvmcoal.kvm.Vm`` make stay C rings, with C
-entries: they need the core's producer lock and wakeups.
+The package needs its C extensions (``kvmcoal._ring``, ``kvmcoal._zone_bus``,
+``kvmcoal.kvm._abi``).  ``kvmcoal._ring_py`` is a pure-Python twin of the
+ring, kept as the tests' oracle: every core ring test runs against both.
 """
 
 from __future__ import annotations
@@ -17,50 +15,54 @@ import importlib.util as _importlib_util
 import os as _os
 from typing import Any
 
-from .errors import KvmcoalError, RingCorruptedError
+from .errors import (BufferForkedError, BusError, GuestError, KvmcoalError,  # noqa: F401
+                     KvmUnavailableError, MappingOverlapError, RingCorruptedError,
+                     UnmappedAccessError, ZoneLimitError)
 
-if not _os.environ.get("KVMCOAL_NO_EXTENSIONS"):
-    from . import _ring as _impl
-else:
-    from . import _ring_py as _impl  # type: ignore[no-redef]
+try:
+    from ._ring import (ENTRY_SIZE, MIN_RING_NBYTES, PAGE_SIZE, RING_HEADER_SIZE, RING_MAX,
+                        Entry, Ring, ring_max)
+except ImportError as _exc:
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    if not any(name.startswith("_ring.") and name.endswith(".so") for name in _os.listdir(_here)):
+        raise ImportError(
+            f"kvmcoal's C extension is not built in {_here}: this is a source tree "
+            f"(it shadows any installed kvmcoal while it is the current directory or on "
+            f"sys.path). Build it in place with pip install -e . (or python setup.py "
+            f"build_ext --inplace), or run Python from another directory.") from _exc
+    raise
 
-ENTRY_SIZE: int = _impl.ENTRY_SIZE
-RING_HEADER_SIZE: int = _impl.RING_HEADER_SIZE
-MIN_RING_SIZE: int = _impl.MIN_RING_SIZE
-PAGE_SIZE: int = _impl.PAGE_SIZE
-RING_MAX: int = _impl.RING_MAX
-ring_max = _impl.ring_max
-Entry = _impl.Entry
-Ring = _impl.Ring
-
-from .buffers import BufferForkedError, CoalescedBuffer  # noqa: E402
-from .bus import Bus, BusError, MappingOverlapError, UnmappedAccessError  # noqa: E402
-from .emulated import BUS_DEVICE_LIMIT, BusFullError, EmulatedVm  # noqa: E402
+from .buffers import CoalescedBuffer  # noqa: E402
+from .bus import Bus  # noqa: E402
+from .emulated import ZONE_LIMIT, EmulatedVm  # noqa: E402
 from .zones import Zone  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BUS_DEVICE_LIMIT",
     "BufferForkedError",
     "Bus",
     "BusError",
-    "BusFullError",
     "CoalescedBuffer",
     "ENTRY_DTYPE",
     "ENTRY_SIZE",
-    "MIN_RING_SIZE",
+    "EmulatedVm",
+    "Entry",
+    "GuestError",
+    "KvmUnavailableError",
+    "KvmcoalError",
+    "MIN_RING_NBYTES",
+    "MappingOverlapError",
     "PAGE_SIZE",
     "RING_HEADER_SIZE",
     "RING_MAX",
-    "EmulatedVm",
-    "Entry",
-    "KvmcoalError",
-    "MappingOverlapError",
     "Ring",
     "RingCorruptedError",
     "UnmappedAccessError",
+    "ZONE_LIMIT",
     "Zone",
+    "ZoneLimitError",
+    "get_include",
     "ring_max",
 ]
 # numpy is optional: without it ENTRY_DTYPE does not exist, and
@@ -68,6 +70,16 @@ __all__ = [
 _HAVE_NUMPY = _importlib_util.find_spec("numpy") is not None
 if not _HAVE_NUMPY:
     __all__.remove("ENTRY_DTYPE")
+
+
+def get_include() -> str:
+    """The directory of ``ring_impl.h``, for Cython code that ``cimport``s kvmcoal._ring.
+
+    >>> import os
+    >>> os.path.isfile(os.path.join(get_include(), "ring_impl.h"))
+    True
+    """
+    return _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "include")
 
 
 def __getattr__(name: str) -> Any:

@@ -1,16 +1,17 @@
 """Type stubs of the C ring (kvmcoal._ring); the pure-Python twin
-kvmcoal._ring_py has the same public API and behaviour."""
+kvmcoal._ring_py has the same public API and behaviour.  Cython code can
+cimport the ring's C-level interface from kvmcoal/_ring.pxd."""
 
 from collections.abc import Callable, Iterator
 from typing import Any, Final, final
 
-from typing_extensions import Buffer, Self, disjoint_base
+from typing_extensions import Buffer, Self
 
 ENTRY_SIZE: Final[int]
 """Bytes of one ``struct kvm_coalesced_mmio`` record: 24."""
 RING_HEADER_SIZE: Final[int]
 """Bytes before the first entry (``first`` and ``last``): 8."""
-MIN_RING_SIZE: Final[int]
+MIN_RING_NBYTES: Final[int]
 """Smallest buffer a ring fits in: one header and one slot, 32 bytes."""
 PAGE_SIZE: Final[int]
 """The host's page size, read at import time."""
@@ -60,11 +61,11 @@ class Entry:
 
 Handler = Callable[[int, bytes, bool], object]
 
-@disjoint_base
+@final
 class Ring:
     """A coalesced MMIO/PIO ring over a writable, C-contiguous buffer.
 
-    The ring uses the first *size* bytes of *buffer* (default: all of it) in
+    The ring uses the first *nbytes* bytes of *buffer* (default: all of it) in
     the layout of ``struct kvm_coalesced_mmio_ring``; its number of slots
     follows from that length.  The buffer is held, never copied, for the
     ring's lifetime, and the indices are left as they are: attaching to a
@@ -89,17 +90,17 @@ class Ring:
     [1]
     """
 
-    def __init__(self, buffer: Buffer, *, size: int | None = None,
+    def __init__(self, buffer: Buffer, *, nbytes: int | None = None,
                  legacy_full_check: bool = False) -> None: ...
     @property
     def max(self) -> int:
-        """Slots in the ring, ``ring_max(size)``."""
+        """Slots in the ring, ``ring_max(nbytes)``."""
     @property
     def capacity(self) -> int:
         """Entries the ring can hold: ``max - 1``."""
     @property
     def nbytes(self) -> int:
-        """Bytes of the buffer the ring occupies (the *size* it was made with)."""
+        """Bytes of the buffer the ring occupies (the *nbytes* it was made with)."""
     @property
     def first(self) -> int:
         """The consumer index as it is in memory now (not validated)."""
@@ -184,53 +185,3 @@ class Ring:
     def __iter__(self) -> Iterator[Entry]:
         """Iterate by popping: each step consumes one entry; stops when empty."""
     def __next__(self) -> Entry: ...
-
-# --- the /dev/kvm ABI (src/kvm.pxi); kvmcoal.kvm is the public layer over it ---
-
-KVM_ABI: Final[dict[str, int]]
-"""ioctl numbers, capabilities and exit reasons from <linux/kvm.h>, by name."""
-
-def kvm_ioctl(fd: int, name: str, arg: int = 0) -> int:
-    """Issue the argument-by-value ioctl *name* (a key of KVM_ABI); OSError on failure."""
-def kvm_coalesced_zone(vmfd: int, register: bool, addr: int, size: int, pio: int) -> None:
-    """KVM_(UN)REGISTER_COALESCED_MMIO for the zone (addr, size, pio)."""
-def kvm_set_user_memory_region(vmfd: int, slot: int, guest_phys_addr: int, memory: Buffer,
-                               flags: int = 0) -> None:
-    """Back guest memory with a writable buffer the caller keeps alive."""
-def kvm_get_regs(vcpufd: int) -> dict[str, int]: ...
-def kvm_set_regs(vcpufd: int, changes: dict[str, int]) -> None: ...
-def kvm_get_sregs(vcpufd: int) -> dict[str, Any]: ...
-def kvm_set_sregs(vcpufd: int, changes: dict[str, Any]) -> None: ...
-@final
-class KvmRunView:
-    """Typed access to a vCPU's struct kvm_run at the start of its mapping."""
-
-    def __init__(self, mapping: Buffer) -> None: ...
-    def release(self) -> None: ...
-    def enter(self, vcpufd: int) -> bool:
-        """KVM_RUN unless an exit is still pending; True when kvm_run holds an exit."""
-    def delivered(self) -> None:
-        """The pending exit is fully delivered: the next enter() runs the vCPU."""
-    @property
-    def pending(self) -> bool: ...
-    progress: int
-    @property
-    def exits(self) -> int: ...
-    @property
-    def exit_reason(self) -> int: ...
-    immediate_exit: int
-    def mmio(self) -> tuple[int, bytes, bool]: ...
-    def set_mmio_data(self, data: Buffer) -> None: ...
-    def io(self) -> tuple[int, int, int, int, int]: ...
-    def fail_entry(self) -> tuple[int, int]: ...
-    def internal(self) -> tuple[int, tuple[int, ...]]: ...
-    def exception(self) -> tuple[int, int]: ...
-    def hardware_exit_reason(self) -> int: ...
-
-# --- the emulated kernel's write path (src/zone_bus.pxi); see kvmcoal.EmulatedVm ---
-
-@disjoint_base
-class _ZoneBus:
-    def _set_zones(self, pio: bool, entries: list[tuple[int, int, Ring]]) -> None: ...
-    def write(self, phys_addr: int, data: Buffer, *, pio: bool = False) -> bool:
-        """A guest store: True if coalesced into a zone's ring, False for the exit path."""

@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import RingCorruptedError
 
-__all__ = ["ENTRY_SIZE", "RING_HEADER_SIZE", "MIN_RING_SIZE", "PAGE_SIZE", "RING_MAX",
+__all__ = ["ENTRY_SIZE", "RING_HEADER_SIZE", "MIN_RING_NBYTES", "PAGE_SIZE", "RING_MAX",
            "ring_max", "Entry", "Ring"]
 
 _HEADER = struct.Struct("<II")      # struct kvm_coalesced_mmio_ring: first, last
@@ -37,7 +37,7 @@ _MAX_SLOTS = 2**32 - 1              # index arithmetic is 32-bit, like the kerne
 
 ENTRY_SIZE = _ENTRY.size
 RING_HEADER_SIZE = _HEADER.size
-MIN_RING_SIZE = RING_HEADER_SIZE + ENTRY_SIZE
+MIN_RING_NBYTES = RING_HEADER_SIZE + ENTRY_SIZE
 PAGE_SIZE = mmap.PAGESIZE
 
 
@@ -51,8 +51,8 @@ def ring_max(nbytes: int) -> int:
         nbytes = operator.index(nbytes)
     except TypeError:
         raise TypeError(f"nbytes must be an int, not {_typename(nbytes)}") from None
-    if nbytes < MIN_RING_SIZE:
-        raise ValueError(f"nbytes={nbytes} is smaller than the {MIN_RING_SIZE}-byte minimum ring")
+    if nbytes < MIN_RING_NBYTES:
+        raise ValueError(f"nbytes={nbytes} is smaller than the {MIN_RING_NBYTES}-byte minimum ring")
     slots = (nbytes - RING_HEADER_SIZE) // ENTRY_SIZE
     if slots > _MAX_SLOTS:
         raise ValueError(f"nbytes={nbytes} gives {slots} slots, more than the "
@@ -204,26 +204,26 @@ _Record = tuple[int, bytes, bool]
 class Ring:
     """A coalesced MMIO/PIO ring over a writable, C-contiguous buffer; see ``_ring.pyi``."""
 
-    def __init__(self, buffer: Any, *, size: int | None = None,
+    def __init__(self, buffer: Any, *, nbytes: int | None = None,
                  legacy_full_check: bool = False) -> None:
         if getattr(self, "_view", None) is not None:
             raise RuntimeError("Ring.__init__ called on a live ring")
         view = _byte_view(buffer, "Ring needs")
         try:
-            if view.nbytes < MIN_RING_SIZE:
+            if view.nbytes < MIN_RING_NBYTES:
                 raise ValueError(f"Ring buffer of {view.nbytes} bytes is smaller than the "
-                                 f"{MIN_RING_SIZE}-byte minimum ring")
-            if size is None:
-                size = view.nbytes
+                                 f"{MIN_RING_NBYTES}-byte minimum ring")
+            if nbytes is None:
+                nbytes = view.nbytes
             else:
                 try:
-                    size = operator.index(size)
+                    nbytes = operator.index(nbytes)
                 except TypeError:
-                    raise TypeError(f"size must be an int, not {_typename(size)}") from None
-                if not MIN_RING_SIZE <= size <= view.nbytes:
-                    raise ValueError(f"size={size} must be between {MIN_RING_SIZE} and the "
+                    raise TypeError(f"nbytes must be an int, not {_typename(nbytes)}") from None
+                if not MIN_RING_NBYTES <= nbytes <= view.nbytes:
+                    raise ValueError(f"nbytes={nbytes} must be between {MIN_RING_NBYTES} and the "
                                      f"buffer's {view.nbytes} bytes")
-            slots = ring_max(size)
+            slots = ring_max(nbytes)
             address = _address(view)
             if address % _INDEX.size:
                 raise ValueError(f"Ring buffer at {address:#x} is not 4-byte aligned")
@@ -233,7 +233,7 @@ class Ring:
         self._view: memoryview | None = view
         self._address = address
         self._max = slots
-        self._nbytes = size
+        self._nbytes = nbytes
         self._legacy = bool(legacy_full_check)
         self._lock = threading.Lock()
         self._owner: int | None = None   # thread running a consumer call
@@ -266,7 +266,7 @@ class Ring:
 
     @property
     def max(self) -> int:
-        """Slots in the ring, ``ring_max(size)``."""
+        """Slots in the ring, ``ring_max(nbytes)``."""
         self._live()
         return self._max
 

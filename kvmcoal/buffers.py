@@ -10,9 +10,9 @@ waiting for the next exit.
 Memory layout of the memfd (sealed against shrinking and growing, so no peer
 can make a mapping fault)::
 
-    [0, ring_nbytes)                   struct kvm_coalesced_mmio_ring
-    [align8(ring_nbytes), +64)         control block: magic "KVMC", version,
-                                       ring_nbytes (u64), signalled word (u32)
+    [0, nbytes)                        struct kvm_coalesced_mmio_ring
+    [align8(nbytes), +64)              control block: magic "KVMC", version,
+                                       nbytes (u64), signalled word (u32)
 
 The wakeup protocol is described in ``src/ring_impl.h`` and ``docs/WAKEUPS.md``.
 
@@ -39,11 +39,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from . import _ring
-from .errors import KvmcoalError
+from .errors import BufferForkedError
 
-__all__ = ["CoalescedBuffer", "BufferForkedError"]
+__all__ = ["CoalescedBuffer"]
 
-_CONTROL = struct.Struct("<IIQI")     # magic, version, ring_nbytes, signalled
+_CONTROL = struct.Struct("<IIQI")     # magic, version, nbytes, signalled
 _CONTROL_SIZE = 64
 _MAGIC = 0x434D564B                   # "KVMC" little-endian
 _VERSION = 1
@@ -54,23 +54,12 @@ _MAX_SLEEP_MS = 2**31 - 1
 _FOREVER_S = 100 * 365 * 24 * 3600
 
 
-class BufferForkedError(KvmcoalError):
-    """A buffer was used in a child process that inherited it across fork().
-
-    The child's copy of the buffer (and of its Ring) is cut loose at the
-    fork, so nothing in the child writes the parent's ring by accident.  To
-    use the ring in the child on purpose, attach to it: ``CoalescedBuffer.attach(*fds)`` with the
-    file descriptors from :meth:`CoalescedBuffer.fds`, which the child
-    inherited.
-    """
-
-
 def _align8(n: int) -> int:
     return (n + 7) & ~7
 
 
-def _memfd_size(ring_nbytes: int) -> int:
-    return _align8(ring_nbytes) + _CONTROL_SIZE
+def _memfd_size(nbytes: int) -> int:
+    return _align8(nbytes) + _CONTROL_SIZE
 
 
 # Buffers alive in this process, invalidated in a forked child.
@@ -95,8 +84,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child, after_in_parent=_after_
 class CoalescedBuffer:
     """One coalesced ring in sealed shared memory, with a pollable wakeup fd.
 
-    ``CoalescedBuffer(size=None)`` makes a new buffer whose ring occupies
-    *size* bytes (default: one page; any size from 32 bytes, the ring's
+    ``CoalescedBuffer(nbytes=None)`` makes a new buffer whose ring occupies
+    *nbytes* bytes (default: one page; any size from 32 bytes, the ring's
     ``max`` follows from it).  :meth:`attach` opens an existing one from its
     file descriptors, for a peer process.
 
@@ -107,19 +96,19 @@ class CoalescedBuffer:
     by the ring's lock.
     """
 
-    def __init__(self, size: int | None = None) -> None:
-        ring_nbytes = _ring.PAGE_SIZE if size is None else size
-        _ring.ring_max(ring_nbytes)  # validates the size with a clear error
+    def __init__(self, nbytes: int | None = None) -> None:
+        nbytes = _ring.PAGE_SIZE if nbytes is None else nbytes
+        _ring.ring_max(nbytes)  # validates the size with a clear error
         memfd = os.memfd_create("kvmcoal-buffer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            os.ftruncate(memfd, _memfd_size(ring_nbytes))
+            os.ftruncate(memfd, _memfd_size(nbytes))
             fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
             efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         except BaseException:
             os.close(memfd)
             raise
         try:
-            self._open(memfd, efd, ring_nbytes, initialize=True)
+            self._open(memfd, efd, nbytes, initialize=True)
         except BaseException:
             os.close(memfd)
             os.close(efd)
@@ -146,8 +135,8 @@ class CoalescedBuffer:
             os.close(memfd)
             raise
         try:
-            ring_nbytes = cls._check_fds(memfd, eventfd)
-            buf._open(memfd, eventfd, ring_nbytes, initialize=False)
+            nbytes = cls._check_fds(memfd, eventfd)
+            buf._open(memfd, eventfd, nbytes, initialize=False)
         except BaseException:
             os.close(memfd)
             os.close(eventfd)
@@ -163,32 +152,32 @@ class CoalescedBuffer:
         if seals & _SEALS != _SEALS:
             raise ValueError(f"memfd {memfd} is not sealed against shrinking and growing")
         size = os.fstat(memfd).st_size
-        if size < _memfd_size(_ring.MIN_RING_SIZE):
+        if size < _memfd_size(_ring.MIN_RING_NBYTES):
             raise ValueError(f"memfd {memfd} of {size} bytes is too small for a buffer")
         header = os.pread(memfd, _CONTROL.size, size - _CONTROL_SIZE)
-        magic, version, ring_nbytes, _ = _CONTROL.unpack(header)
+        magic, version, nbytes, _ = _CONTROL.unpack(header)
         if magic != _MAGIC or version != _VERSION:
             raise ValueError(f"memfd {memfd} does not hold a kvmcoal buffer "
                              f"(magic {magic:#x}, version {version})")
-        if ring_nbytes < _ring.MIN_RING_SIZE or _memfd_size(ring_nbytes) != size:
-            raise ValueError(f"memfd {memfd}: ring size {ring_nbytes} does not fit "
+        if nbytes < _ring.MIN_RING_NBYTES or _memfd_size(nbytes) != size:
+            raise ValueError(f"memfd {memfd}: a ring of {nbytes} bytes does not fit "
                              f"its {size} bytes")
         if os.readlink(f"/proc/self/fd/{eventfd}") != "anon_inode:[eventfd]":
             raise ValueError(f"fd {eventfd} is not an eventfd")
-        return ring_nbytes
+        return nbytes
 
-    def _open(self, memfd: int, efd: int, ring_nbytes: int, *, initialize: bool) -> None:
+    def _open(self, memfd: int, efd: int, nbytes: int, *, initialize: bool) -> None:
         # On failure the caller closes the fds; this closes only what it made.
-        self._map = mmap.mmap(memfd, _memfd_size(ring_nbytes))
-        control = _align8(ring_nbytes)
+        self._map = mmap.mmap(memfd, _memfd_size(nbytes))
+        control = _align8(nbytes)
         if initialize:
-            _CONTROL.pack_into(self._map, control, _MAGIC, _VERSION, ring_nbytes, 0)
+            _CONTROL.pack_into(self._map, control, _MAGIC, _VERSION, nbytes, 0)
         self._memfd = memfd
         self._efd = efd
-        self._ring_nbytes = ring_nbytes
+        self._nbytes = nbytes
         ring = None
         try:
-            ring = _ring.Ring(self._map, size=ring_nbytes)
+            ring = _ring.Ring(self._map, nbytes=nbytes)
             ring._attach_notifier(efd, control + _SIGNALED_OFFSET)
             if not initialize:          # attached: another process made it
                 ring._share_notifier()
@@ -227,9 +216,9 @@ class CoalescedBuffer:
         return self._ring
 
     @property
-    def size(self) -> int:
+    def nbytes(self) -> int:
         """Bytes the ring occupies."""
-        return self._ring_nbytes
+        return self._nbytes
 
     @property
     def closed(self) -> bool:
@@ -430,4 +419,4 @@ class CoalescedBuffer:
     def __repr__(self) -> str:
         if self._closed:
             return "<CoalescedBuffer closed>"
-        return f"<CoalescedBuffer fd={self._efd} size={self._ring_nbytes}>"
+        return f"<CoalescedBuffer fd={self._efd} nbytes={self._nbytes}>"

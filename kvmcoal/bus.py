@@ -49,10 +49,10 @@ from typing import Any, Protocol
 
 from ._ring import Ring
 from .buffers import CoalescedBuffer
-from .errors import KvmcoalError, RingCorruptedError
+from .errors import BusError, MappingOverlapError, RingCorruptedError, UnmappedAccessError
 from .zones import Zone
 
-__all__ = ["Bus", "BusError", "Device", "Mapping", "MappingOverlapError", "UnmappedAccessError"]
+__all__ = ["Bus", "Device", "Mapping"]
 
 
 class Device(Protocol):
@@ -72,18 +72,6 @@ class Producer(Protocol):
 
     @property
     def ring(self) -> Ring: ...
-
-
-class BusError(KvmcoalError):
-    """Base of the bus's own errors."""
-
-
-class MappingOverlapError(BusError, ValueError):
-    """A new mapping overlaps an existing one; the message names both."""
-
-
-class UnmappedAccessError(BusError, LookupError):
-    """An access hit no mapping (with ``unmapped="raise"``)."""
 
 
 @dataclass(eq=False, slots=True)

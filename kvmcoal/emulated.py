@@ -4,7 +4,7 @@ It keeps what KVM keeps (the coalesced zones of both buses, the VM-wide
 ring, and the per-buffer rings of the proposed v2 API) and offers the path a
 vCPU's store takes: :meth:`EmulatedVm.write` returns True when the write was
 coalesced into a ring and False when it must take the exit path instead.
-The write path is C (kvmcoal._ring._ZoneBus) and runs the ring's producer
+The write path is C (kvmcoal._zone_bus._ZoneBus) and runs the ring's producer
 without the GIL, under one lock per ring as the kernel does.
 
 >>> vm = EmulatedVm()
@@ -18,31 +18,21 @@ without the GIL, under one lock per ring as the kernel does.
 
 from __future__ import annotations
 
-import errno
 import threading
 import weakref
 
-from . import _ring
+from . import _ring, _zone_bus
 from .buffers import CoalescedBuffer
-from .errors import KvmcoalError
+from .errors import ZoneLimitError
 from .zones import Zone
 
-__all__ = ["BUS_DEVICE_LIMIT", "BusFullError", "EmulatedVm"]
+__all__ = ["ZONE_LIMIT", "EmulatedVm"]
 
-BUS_DEVICE_LIMIT = 1000
-"""Zones per bus (MMIO, PIO), the kernel's NR_IOBUS_DEVS."""
-
-
-class BusFullError(KvmcoalError, OSError):
-    """A bus already holds BUS_DEVICE_LIMIT zones (the kernel fails with ENOSPC)."""
-
-    def __init__(self, pio: bool) -> None:
-        bus = "PIO" if pio else "MMIO"
-        super().__init__(errno.ENOSPC, f"the {bus} bus is full: it holds {BUS_DEVICE_LIMIT} "
-                                       f"zones, the kernel's limit of devices per bus")
+ZONE_LIMIT = 1000
+"""Zones of one kind (MMIO, PIO) a VM may have: the kernel's NR_IOBUS_DEVS."""
 
 
-class EmulatedVm(_ring._ZoneBus):
+class EmulatedVm(_zone_bus._ZoneBus):
     """A software model of KVM's coalesced MMIO: zones, rings, the producer path.
 
     *page_size* sets the size of the VM-wide ring and the default size of
@@ -52,7 +42,7 @@ class EmulatedVm(_ring._ZoneBus):
 
     def __init__(self, *, page_size: int | None = None) -> None:
         self.page_size = _ring.PAGE_SIZE if page_size is None else page_size
-        self._legacy = CoalescedBuffer(self.page_size)
+        self._vm_ring = CoalescedBuffer(self.page_size)
         # (zone, buffer or None for the VM-wide ring), in registration order.
         self._zones: list[tuple[Zone, CoalescedBuffer | None]] = []
         # Zone changes are read-modify-writes of _zones: one at a time.  (Writers
@@ -67,13 +57,7 @@ class EmulatedVm(_ring._ZoneBus):
     def ring(self) -> _ring.Ring:
         """The VM-wide ring that zones registered without a buffer write into."""
         self._check()
-        return self._legacy.ring
-
-    @property
-    def ring_buffer(self) -> CoalescedBuffer:
-        """The VM-wide ring as a pollable, shareable buffer."""
-        self._check()
-        return self._legacy
+        return self._vm_ring.ring
 
     def register_coalesced_mmio(self, zone: Zone) -> None:
         """Coalesce writes in *zone* into the VM-wide ring (overlaps are allowed)."""
@@ -88,10 +72,10 @@ class EmulatedVm(_ring._ZoneBus):
 
     # -- per-device buffers (the proposed v2 API) --
 
-    def create_coalesced_buffer(self, *, size: int | None = None) -> CoalescedBuffer:
-        """A new buffer with its own ring (and lock) to bind zones to."""
+    def create_coalesced_buffer(self, *, nbytes: int | None = None) -> CoalescedBuffer:
+        """A new buffer with its own ring (and lock) to bind zones to; *nbytes*: one page."""
         self._check()
-        buf = CoalescedBuffer(self.page_size if size is None else size)
+        buf = CoalescedBuffer(self.page_size if nbytes is None else nbytes)
         buf._on_close.append(self._buffer_closed)
         self._buffers.add(buf)
         return buf
@@ -135,8 +119,8 @@ class EmulatedVm(_ring._ZoneBus):
                 self._check_buffer(target)
             if not isinstance(zone, Zone):
                 raise TypeError(f"zone must be a kvmcoal.Zone, not {type(zone).__name__!r}")
-            if sum(1 for z, _ in self._zones if z.pio == zone.pio) >= BUS_DEVICE_LIMIT:
-                raise BusFullError(zone.pio)
+            if sum(1 for z, _ in self._zones if z.pio == zone.pio) >= ZONE_LIMIT:
+                raise ZoneLimitError(zone.pio, ZONE_LIMIT)
             previous = self._zones
             self._zones = previous + [(zone, target)]
             try:
@@ -163,7 +147,7 @@ class EmulatedVm(_ring._ZoneBus):
     def _install(self, pio: bool) -> None:
         # The kernel's bus is sorted by (address, length) and a write tries
         # the matching devices in that order.
-        entries = sorted(((z.addr, z.size, (self._legacy if t is None else t).ring)
+        entries = sorted(((z.addr, z.size, (self._vm_ring if t is None else t).ring)
                           for z, t in self._zones if z.pio == pio),
                          key=lambda entry: entry[:2])
         self._set_zones(pio, entries)
@@ -184,7 +168,7 @@ class EmulatedVm(_ring._ZoneBus):
         self._zones.clear()
         self._install(False)
         self._install(True)
-        self._legacy.close()
+        self._vm_ring.close()
         self._closed = True
 
     def __enter__(self) -> EmulatedVm:

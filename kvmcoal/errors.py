@@ -8,7 +8,14 @@ failures of the operating system keep their :class:`OSError` and ``errno``.
 
 from __future__ import annotations
 
-__all__ = ["KvmcoalError", "RingCorruptedError"]
+import errno
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .kvm.exits import Exit
+
+__all__ = ["BufferForkedError", "BusError", "GuestError", "KvmUnavailableError", "KvmcoalError",
+           "MappingOverlapError", "RingCorruptedError", "UnmappedAccessError", "ZoneLimitError"]
 
 
 class KvmcoalError(Exception):
@@ -36,3 +43,56 @@ class RingCorruptedError(KvmcoalError):
         self.field = field
         self.value = value
         self.index = index
+
+
+class BufferForkedError(KvmcoalError):
+    """A buffer was used in a child process that inherited it across fork().
+
+    The child's copy of the buffer (and of its Ring) is cut loose at the
+    fork, so nothing in the child writes the parent's ring by accident.  To
+    use the ring in the child on purpose, attach to it: ``CoalescedBuffer.attach(*fds)`` with the
+    file descriptors from :meth:`CoalescedBuffer.fds`, which the child
+    inherited.
+    """
+
+
+class BusError(KvmcoalError):
+    """Base of the bus's own errors."""
+
+
+class MappingOverlapError(BusError, ValueError):
+    """A new mapping overlaps an existing one; the message names both."""
+
+
+class UnmappedAccessError(BusError, LookupError):
+    """An access hit no mapping (with ``unmapped="raise"``)."""
+
+
+class ZoneLimitError(KvmcoalError, OSError):
+    """A VM already holds :data:`kvmcoal.ZONE_LIMIT` zones of one kind, MMIO or PIO.
+
+    The kernel keeps each kind's zones on an I/O bus of at most NR_IOBUS_DEVS
+    devices and fails with ENOSPC past it; this is that limit, not anything
+    of :class:`kvmcoal.Bus`.
+    """
+
+    def __init__(self, pio: bool, limit: int) -> None:
+        kind = "PIO" if pio else "MMIO"
+        super().__init__(errno.ENOSPC, f"this VM already has {limit} {kind} zones, the "
+                                       f"kernel's limit of devices on its {kind} bus")
+
+
+class KvmUnavailableError(KvmcoalError):
+    """/dev/kvm cannot be used here; the message says why and what to do."""
+
+
+class GuestError(KvmcoalError):
+    """The guest stopped in a way the run loop cannot continue from.
+
+    ``exit`` is the exit that ended it (shutdown, failed entry, internal
+    error or an exit reason the loop does not handle).
+    """
+
+    def __init__(self, exit: Exit) -> None:
+        super().__init__(f"the guest stopped: {exit}")
+        self.exit = exit

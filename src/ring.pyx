@@ -3,43 +3,39 @@
 
 The ring logic is in ring_impl.c; this layer owns the Python objects: it
 holds the caller's buffer, turns ring entries into Entry objects or handler
-calls, and serializes consumers.  kvmcoal._ring_py is its pure-Python twin
-and test oracle; kvmcoal/_ring.pyi documents the API both share.
+calls, and serializes consumers.  kvmcoal/_ring.pxd declares the types for
+other Cython code (kvmcoal._zone_bus cimports them); kvmcoal._ring_py is the
+pure-Python twin the tests check this against; kvmcoal/_ring.pyi documents
+the API both share.
 """
 
 cimport cython
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE,
                              PyBUF_C_CONTIGUOUS, PyBUF_SIMPLE)
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from cpython.long cimport PyLong_FromUnsignedLongLong
 from cpython.number cimport PyNumber_Index
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF
 from cpython.pythread cimport PyThread_get_thread_ident
-from libc.stdint cimport uint32_t, uint64_t, int64_t
+from libc.errno cimport errno, EINTR
 from libc.string cimport memcmp, memcpy, memset
 from posix.fcntl cimport fcntl, F_DUPFD_CLOEXEC
 from posix.unistd cimport close, sysconf, _SC_PAGESIZE
 
-from ring_impl cimport *
-from kvm_abi cimport *
-from cpython.exc cimport PyErr_CheckSignals
-
-from cpython.exc cimport PyErr_SetFromErrno
-from libc.errno cimport errno, EINTR
 import os
-
 from collections.abc import Callable as _Callable
 
-from kvmcoal.errors import KvmcoalError, RingCorruptedError
+from kvmcoal.errors import RingCorruptedError
 
 ENTRY_SIZE = KC_ENTRY_SIZE
 RING_HEADER_SIZE = KC_HEADER_SIZE
-MIN_RING_SIZE = KC_MIN_RING_BYTES
+MIN_RING_NBYTES = KC_MIN_RING_BYTES
 PAGE_SIZE = sysconf(_SC_PAGESIZE)
 
 
-cdef inline object _index(object value, str what, str also=""):
+cdef object _index(object value, str what, str also=""):
     """*value* as a Python int if it is an integer (int, bool, numpy integers: anything
     with __index__), else TypeError naming *what*; floats are refused, not truncated."""
     if type(value) is int:
@@ -70,8 +66,7 @@ def ring_max(nbytes):
 RING_MAX = ring_max(PAGE_SIZE)
 
 
-cdef int _get_buffer(object obj, Py_buffer *view, str what,
-                              bint writable=True) except -1:
+cdef int _get_buffer(object obj, Py_buffer *view, str what, bint writable=True) except -1:
     """Export obj as a writable (or, with writable=False, any) C-contiguous
     buffer, or say exactly why not."""
     cdef int flags = PyBUF_C_CONTIGUOUS | (PyBUF_WRITABLE if writable else 0)
@@ -96,7 +91,7 @@ cdef int _get_buffer(object obj, Py_buffer *view, str what,
     return 0
 
 
-cdef inline uint64_t _as_u64(object value, str what) except? 0xFFFFFFFFFFFFFFFF:
+cdef uint64_t _as_u64(object value, str what) except? 0xFFFFFFFFFFFFFFFF:
     cdef uint64_t out
     value = _index(value, what)
     try:
@@ -149,11 +144,6 @@ cdef int _fill_entry(kc_entry *e, object phys_addr, object data, object pio) exc
 cdef class Entry:
     """One coalesced write, as the consumer delivers it (immutable)."""
 
-    cdef kc_entry _e
-    # Set once the entry holds a write: __init__ called again must not
-    # change an entry that may already be a dict key or in a set.
-    cdef bint _made
-
     def __init__(self, phys_addr, data, pio=False):
         if self._made:
             raise TypeError("Entry is immutable: __init__ cannot be called again")
@@ -161,7 +151,7 @@ cdef class Entry:
         self._made = True
 
     @staticmethod
-    cdef inline Entry _from(const kc_entry *e):
+    cdef Entry _from(const kc_entry *e):
         cdef Entry self = Entry.__new__(Entry)
         self._e = e[0]
         self._made = True
@@ -263,86 +253,64 @@ cdef Py_ssize_t _as_limit(object limit) except -2:
     return min(limit, <Py_ssize_t>KC_MAX_SLOTS)
 
 
-@cython.embedsignature(False)   # Cython's own rendering put size before the '*'
+@cython.final
+@cython.embedsignature(False)   # Cython's own rendering put nbytes before the '*'
 cdef class Ring:
-    """Ring(buffer, *, size=None, legacy_full_check=False)
+    """Ring(buffer, *, nbytes=None, legacy_full_check=False)
 
     A coalesced MMIO/PIO ring over a writable, C-contiguous buffer.
 
     See kvmcoal/_ring.pyi for the full contract.
     """
 
-    cdef kc_ring _r
-    cdef Py_buffer _view
-    cdef object __weakref__   # a device model may hold its ring weakly, as it can the twin's
-    cdef bint _live
-    cdef bint _legacy
-    cdef Py_ssize_t _nbytes
-    # Serializes consumers; _owner tells a nested call from another thread's.
-    # A pthread mutex: its uncontended trylock/unlock cost a fraction of a
-    # PyThread lock's, and drain_into() of a one-page ring is ~0.3 µs in all.
-    cdef pthread_mutex_t _lock
-    cdef unsigned long _owner
-    # The producer side's lock, the kernel's per-ring spinlock: push() and
-    # EmulatedVm.write (which runs without the GIL) take it.
-    cdef pthread_mutex_t _plock
-    # _sleep() polls a duplicate of the notifier eventfd that the ring owns,
-    # so that CoalescedBuffer.close() in another thread can close its own fd
-    # while a consumer sleeps without that number being reused under it; the
-    # last sleeper out of a released ring closes it.  Both fields change
-    # only with the GIL held.
-    cdef int _sleep_fd
-    cdef int _sleepers
-    cdef bint _initialising
-
     def __cinit__(self):
         self._sleep_fd = -1
         pthread_mutex_init(&self._lock, NULL)
         pthread_mutex_init(&self._plock, NULL)
 
-    def __init__(self, buffer, *, size=None, legacy_full_check=False):
+    def __init__(self, buffer, *, nbytes=None, legacy_full_check=False):
         # _initialising: an __init__ re-entered from the arguments' own code
-        # (size.__index__, say) must not replace the buffer of the outer one.
+        # (nbytes.__index__, say) must not replace the buffer of the outer one.
         if self._live or self._initialising:
             raise RuntimeError("Ring.__init__ called on a live ring")
         self._initialising = True
         try:
-            self._init(buffer, size, legacy_full_check)
+            self._init(buffer, nbytes, legacy_full_check)
         finally:
             self._initialising = False
 
-    cdef int _init(self, buffer, size, legacy_full_check) except -1:
-        cdef Py_ssize_t nbytes
+    cdef int _init(self, buffer, nbytes, legacy_full_check) except -1:
+        cdef Py_ssize_t used
         cdef int rc
         cdef bint legacy
         # The arguments' own code (__index__, __bool__) runs before the
         # buffer is taken, so none runs while it is held.
-        if size is not None:
-            size = _index(size, "size")
+        if nbytes is not None:
+            nbytes = _index(nbytes, "nbytes")
         legacy = bool(legacy_full_check)
         _get_buffer(buffer, &self._view, "Ring")
         try:
-            nbytes = self._view.len
-            if size is not None:
-                if size > nbytes:
-                    raise ValueError(f"size={size} exceeds the buffer's {nbytes} bytes")
-                if size < <Py_ssize_t>KC_MIN_RING_BYTES:
-                    raise ValueError(f"size={size} is smaller than the "
+            used = self._view.len
+            if nbytes is not None:
+                if nbytes > used:
+                    raise ValueError(f"nbytes={nbytes} exceeds the buffer's {used} bytes")
+                if nbytes < <Py_ssize_t>KC_MIN_RING_BYTES:
+                    raise ValueError(f"nbytes={nbytes} is smaller than the "
                                      f"{KC_MIN_RING_BYTES}-byte minimum ring")
-                nbytes = size
-            elif nbytes < <Py_ssize_t>KC_MIN_RING_BYTES:
-                raise ValueError(f"buffer of {nbytes} bytes is smaller than the "
+                used = nbytes
+            elif used < <Py_ssize_t>KC_MIN_RING_BYTES:
+                raise ValueError(f"buffer of {used} bytes is smaller than the "
                                  f"{KC_MIN_RING_BYTES}-byte minimum ring")
-            rc = kc_ring_init(&self._r, self._view.buf, nbytes)
+            rc = kc_ring_init(&self._r, self._view.buf, used)
             if rc == KC_E_TOO_LARGE:
-                ring_max(nbytes)  # raises the ValueError that explains it
+                ring_max(used)  # raises the ValueError that explains it
             if rc == KC_E_MISALIGNED:
                 raise ValueError("the ring buffer's address must be 4-byte aligned "
                                  "(its indices are accessed atomically)")
         except BaseException:
             PyBuffer_Release(&self._view)
             raise
-        self._nbytes = nbytes
+        self._nbytes = used
         self._legacy = legacy
         self._live = True
         return 0
@@ -355,12 +323,12 @@ cdef class Ring:
         if self._sleep_fd >= 0:
             close(self._sleep_fd)
 
-    cdef inline bint _overlaps(self, const void *buf, Py_ssize_t n):
+    cdef bint _overlaps(self, const void *buf, Py_ssize_t n):
         """Whether [buf, buf + n) shares a byte with the ring's own memory."""
         return (n > 0 and <const char *>buf < <const char *>self._view.buf + self._nbytes
                 and <const char *>self._view.buf < <const char *>buf + n)
 
-    cdef inline int _check_live(self) except -1:
+    cdef int _check_live(self) except -1:
         if not self._live:
             raise ValueError("operation on a released Ring")
         return 0
@@ -379,9 +347,20 @@ cdef class Ring:
         self._owner = PyThread_get_thread_ident()
         return 1
 
-    cdef inline void _exit_consumer(self):
+    cdef void _exit_consumer(self):
         self._owner = 0
         pthread_mutex_unlock(&self._lock)
+
+    cdef Py_ssize_t _begin(self, Py_ssize_t limit, uint32_t *first) except -1:
+        """The start of every consumer call: validate the indices and return how
+        many entries from *first* to deliver (at most *limit*; -1: all)."""
+        cdef uint32_t bad = 0
+        cdef int64_t pending = kc_ring_begin(&self._r, first, &bad)
+        if pending < 0:
+            raise _corrupted(&self._r, <int>pending, bad, 0)
+        if limit < 0 or pending < limit:
+            return <Py_ssize_t>pending
+        return limit
 
     cdef int _consumer_idle(self) except -1:
         """With a notifier attached, clear the wakeup once the ring is empty."""
@@ -500,12 +479,9 @@ cdef class Ring:
         return not self._live
 
     def __len__(self):
-        cdef uint32_t first, bad = 0
+        cdef uint32_t first
         self._check_live()
-        cdef int64_t pending = kc_ring_begin(&self._r, &first, &bad)
-        if pending < 0:
-            raise _corrupted(&self._r, <int>pending, bad, 0)
-        return pending
+        return self._begin(-1, &first)
 
     def __repr__(self):
         if not self._live:
@@ -704,16 +680,12 @@ cdef class Ring:
     def pop(self):
         """Consume and return the oldest entry, or None if the ring is empty."""
         cdef uint32_t first, bad = 0
-        cdef int64_t pending
         cdef int rc
         cdef kc_entry e
         if not self._enter_consumer():
             return None
         try:
-            pending = kc_ring_begin(&self._r, &first, &bad)
-            if pending < 0:
-                raise _corrupted(&self._r, <int>pending, bad, 0)
-            if pending == 0:
+            if self._begin(1, &first) == 0:
                 self._consumer_idle()
                 return None
             rc = kc_ring_read(&self._r, first, &e, &bad)
@@ -730,18 +702,13 @@ cdef class Ring:
         """Consume and return the pending entries (at most *limit*), oldest first."""
         cdef Py_ssize_t n = _as_limit(limit), i
         cdef uint32_t first, idx, bad = 0
-        cdef int64_t pending
-        cdef int rc = KC_OK
+        cdef int rc
         cdef kc_entry e
         cdef list out = []
         if not self._enter_consumer():
             return out
         try:
-            pending = kc_ring_begin(&self._r, &first, &bad)
-            if pending < 0:
-                raise _corrupted(&self._r, <int>pending, bad, 0)
-            if n < 0 or pending < n:
-                n = <Py_ssize_t>pending
+            n = self._begin(n, &first)
             idx = first
             for i in range(n):
                 rc = kc_ring_read(&self._r, idx, &e, &bad)
@@ -798,7 +765,6 @@ cdef class Ring:
         """Call ``handler(phys_addr, data, pio)`` for each pending entry, in order."""
         cdef Py_ssize_t n = _as_limit(limit), i
         cdef uint32_t first, idx, bad = 0
-        cdef int64_t pending
         cdef int rc
         cdef kc_entry e, prev
         # The handler is called through its vectorcall slot, looked up once:
@@ -814,11 +780,7 @@ cdef class Ring:
         if not self._enter_consumer():
             return 0
         try:
-            pending = kc_ring_begin(&self._r, &first, &bad)
-            if pending < 0:
-                raise _corrupted(&self._r, <int>pending, bad, 0)
-            if n < 0 or pending < n:
-                n = <Py_ssize_t>pending
+            n = self._begin(n, &first)
             idx = first
             addr = data = None
             for i in range(n):
@@ -862,6 +824,3 @@ cdef class Ring:
             raise StopIteration
         return entry
 
-
-include "kvm.pxi"
-include "zone_bus.pxi"

@@ -119,7 +119,7 @@ def test_asyncio(buf):
 def test_any_ring_size():
     for size in (32, 56, 1000, 65536, 3 * 4096 + 8):
         with CoalescedBuffer(size) as b:
-            assert b.size == size and b.ring.max == ring_max(size)
+            assert b.nbytes == size and b.ring.max == ring_max(size)
     with pytest.raises(ValueError, match="32-byte minimum"):
         CoalescedBuffer(31)
 
@@ -472,7 +472,7 @@ def test_failed_attach_reports_the_real_error_and_keeps_the_callers_fds(buf):
 
 def test_notifier_offset_is_bounds_checked():
     from kvmcoal import _ring
-    ring = _ring.Ring(bytearray(4096 + 64), size=4096)
+    ring = _ring.Ring(bytearray(4096 + 64), nbytes=4096)
     for offset in (2**63 - 4, -4, 4096 + 62, 100):
         with pytest.raises(ValueError, match="notifier word"):
             ring._attach_notifier(0, offset)

@@ -179,11 +179,11 @@ def test_doorbell_on_its_own_buffer_with_a_poller(vm):
     for v in range(1, 501):
         bus.write(0xFE000000, 4, v)
     deadline = 100
-    while len(bell.rings) < 500 and deadline:
+    while len(bell.requests) < 500 and deadline:
         bell.event.wait(0.1)
         bell.event.clear()
         deadline -= 1
-    assert bell.rings == list(range(1, 501))   # delivered by the poller, in order, once
+    assert bell.requests == list(range(1, 501))   # delivered by the poller, in order, once
     assert len(vm.ring) == 0                   # the VM-wide ring was not involved
     bus.close()
 
@@ -198,12 +198,12 @@ def test_doorbell_with_asyncio(vm):
         for v in range(10):
             bus.write(0xFE000000, 4, v)
             await asyncio.sleep(0)
-        while len(bell.rings) < 10:
+        while len(bell.requests) < 10:
             await asyncio.sleep(0.001)
         task.cancel()
 
     asyncio.run(asyncio.wait_for(main(), 10))
-    assert bell.rings == list(range(10))
+    assert bell.requests == list(range(10))
 
 
 # -- the same devices behind a real guest --
@@ -259,11 +259,11 @@ def test_pollers_whose_devices_read_the_bus_do_not_deadlock(vm):
             bus.write(0xFE000000 + 0x1000 * n, 4, v)
     for bell in bells:
         for _ in range(100):
-            if len(bell.rings) == 300:
+            if len(bell.requests) == 300:
                 break
             bell.event.wait(0.1)
             bell.event.clear()
-        assert bell.rings == list(range(300))
+        assert bell.requests == list(range(300))
     assert bus.poller_errors == []
     bus.close()
 

@@ -18,7 +18,7 @@ def test_producer_and_consumer_threads_under_tsan(tmp_path):
     # -Wno-tsan: TSan does not model the two standalone fences of the wakeup
     # protocol; it still checks every access around them.
     build = subprocess.run(
-        ["gcc", "-O1", "-g", "-fsanitize=thread", "-Wno-tsan", f"-I{ROOT / 'src'}",
+        ["gcc", "-O1", "-g", "-fsanitize=thread", "-Wno-tsan", f"-I{ROOT / 'kvmcoal' / 'include'}",
          str(ROOT / "tests" / "c" / "ring_threads.c"), str(ROOT / "src" / "ring_impl.c"),
          "-o", str(binary), "-lpthread"], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr

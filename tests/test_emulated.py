@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kvmcoal import BUS_DEVICE_LIMIT, BusFullError, EmulatedVm, Entry, Zone
+from kvmcoal import ZONE_LIMIT, ZoneLimitError, EmulatedVm, Entry, Zone
 
 MMIO = Zone(0xFE000000, 0x1000)
 PIO = Zone(0x400, 8, pio=True)
@@ -85,9 +85,9 @@ def test_kernel_zone_rules(vm):
 
 
 def test_device_limit(vm):
-    for i in range(BUS_DEVICE_LIMIT):
+    for i in range(ZONE_LIMIT):
         vm.register_coalesced_mmio(Zone(i * 16, 16))
-    with pytest.raises(BusFullError, match="1000") as info:
+    with pytest.raises(ZoneLimitError, match="1000") as info:
         vm.register_coalesced_mmio(Zone(0, 1))
     assert info.value.errno == 28  # ENOSPC
     vm.register_coalesced_mmio(PIO)  # the other bus has room
@@ -142,7 +142,7 @@ def test_v2_buffer_scenarios(vm):
 
 
 def test_full_ring_falls_through_to_the_next_zone(vm):
-    small = vm.create_coalesced_buffer(size=8 + 24 * 2)    # holds one entry
+    small = vm.create_coalesced_buffer(nbytes=8 + 24 * 2)    # holds one entry
     vm.register_coalesced_mmio2(Zone(0x1000, 0x10), small)
     vm.register_coalesced_mmio(Zone(0x1000, 0x100))       # larger: tried second
     assert vm.write(0x1000, b"a") and vm.write(0x1000, b"b")
@@ -151,7 +151,7 @@ def test_full_ring_falls_through_to_the_next_zone(vm):
 
 
 def test_many_producer_threads_lose_nothing(vm):
-    buf = vm.create_coalesced_buffer(size=8 + 24 * 64)
+    buf = vm.create_coalesced_buffer(nbytes=8 + 24 * 64)
     vm.register_coalesced_mmio2(Zone(0, 1 << 20), buf)
     threads, per_thread = 4, 20000
     accepted = [[] for _ in range(threads)]
@@ -240,7 +240,7 @@ def test_unregister_returns_only_after_writes_using_the_old_zones_finish():
     unregister sees that write, and nothing the write reported as coalesced is lost
     when the buffer is closed next."""
     vm = EmulatedVm()
-    buf = vm.create_coalesced_buffer(size=64 << 20)      # a push_many that takes a while
+    buf = vm.create_coalesced_buffer(nbytes=64 << 20)      # a push_many that takes a while
     zone = Zone(0x1000, 4)
     vm.register_coalesced_mmio2(zone, buf)
     records = bytearray(buf.ring.capacity * 24)

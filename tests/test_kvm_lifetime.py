@@ -204,7 +204,7 @@ def test_a_failed_vcpu_creation_does_not_block_the_next(kvm_vm, monkeypatch):
     def fail(_map):
         raise OSError(12, "simulated: cannot map kvm_run")
 
-    monkeypatch.setattr(kvm, "KvmRunView", fail)
+    monkeypatch.setattr(kvm.vcpu, "KvmRunView", fail)
     before = _open_fds()
     with pytest.raises(OSError, match="simulated"):
         kvm_vm.create_vcpu()

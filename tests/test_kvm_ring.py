@@ -6,6 +6,8 @@ only where it does not.
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 
 from kvmcoal import RING_MAX, Entry, Zone, kvm
@@ -69,7 +71,7 @@ def test_capabilities_here():
     with kvm.Kvm() as k:
         assert k.api_version == 12
         assert k.coalesced_mmio_page_offset >= 1
-        assert k.vcpu_mmap_size > k.coalesced_mmio_page_offset * kvm.mmap.PAGESIZE
+        assert k.vcpu_mmap_size > k.coalesced_mmio_page_offset * mmap.PAGESIZE
 
 
 @pytest.mark.parametrize("start", [0, 1, 84, 85, 168, 169])

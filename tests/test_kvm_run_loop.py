@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from kvmcoal import Zone, _ring, kvm
+from kvmcoal import Zone, kvm
+from kvmcoal.kvm import _abi
 
 from .conftest import load_guest
 
@@ -105,7 +106,7 @@ def test_closed_vcpu_and_bad_zones(kvm_vm):
     with pytest.raises(ValueError, match="closed Vcpu"):
         vcpu.run()
     with pytest.raises(OSError) as info:   # the kernel refuses a pio flag other than 0/1
-        _ring.kvm_coalesced_zone(kvm_vm.fileno(), True, 0x1000, 8, 2)
+        _abi.kvm_coalesced_zone(kvm_vm.fileno(), True, 0x1000, 8, 2)
     assert info.value.errno == 22
     kvm_vm._has_pio = False                # a kernel without KVM_CAP_COALESCED_PIO
     with pytest.raises(kvm.KvmUnavailableError, match="COALESCED_PIO"):

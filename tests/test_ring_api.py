@@ -22,7 +22,7 @@ from .conftest import set_indices
 def test_constants_agree(impl):
     assert impl.ENTRY_SIZE == 24
     assert impl.RING_HEADER_SIZE == 8
-    assert impl.MIN_RING_SIZE == 32
+    assert impl.MIN_RING_NBYTES == 32
     assert impl.PAGE_SIZE == mmap.PAGESIZE
     assert impl.RING_MAX == (mmap.PAGESIZE - 8) // 24
     assert [impl.ring_max(n) for n in (32, 55, 56, 4096, 16384, 65536)] == [1, 1, 2, 170, 682, 2730]
@@ -76,7 +76,7 @@ def test_any_writable_contiguous_buffer(impl, make):
 
 def test_ring_uses_its_size_prefix_only(impl):
     buf = bytearray(4096)
-    ring = impl.Ring(buf, size=8 + 24 * 4)
+    ring = impl.Ring(buf, nbytes=8 + 24 * 4)
     assert ring.max == 4 and ring.capacity == 3
     for i in range(3):
         assert ring.push(i, b"x")
@@ -112,11 +112,11 @@ def test_misaligned_buffer(impl):
         impl.Ring(memoryview(bytearray(4097))[1:])
 
 
-@pytest.mark.parametrize("size,exc", [(31, ValueError), (4097, ValueError), (-1, ValueError),
-                                      ("8", TypeError)])
-def test_bad_size(impl, size, exc):
-    with pytest.raises(exc, match="size"):
-        impl.Ring(bytearray(4096), size=size)
+@pytest.mark.parametrize("nbytes,exc", [(31, ValueError), (4097, ValueError), (-1, ValueError),
+                                        ("8", TypeError)])
+def test_bad_nbytes(impl, nbytes, exc):
+    with pytest.raises(exc, match="nbytes"):
+        impl.Ring(bytearray(4096), nbytes=nbytes)
 
 
 @pytest.mark.parametrize("addr,data,exc,match", [
@@ -156,7 +156,7 @@ def test_push_accepts_every_bytes_like(impl):
 
 def test_integers_of_any_kind_are_accepted_where_an_int_is(impl):
     """Anything with __index__ (numpy integers, bool) is an int to every argument."""
-    ring = impl.Ring(bytearray(4096), size=np.int64(4096))
+    ring = impl.Ring(bytearray(4096), nbytes=np.int64(4096))
     assert impl.ring_max(np.int32(4096)) == ring.max == 170
     assert ring.push(np.uint64(5), b"a") and ring.push(np.int64(6), b"b") and ring.push(True, b"c")
     assert [e.phys_addr for e in ring.drain(limit=np.int64(2))] == [5, 6]
@@ -218,7 +218,7 @@ def test_init_reentered_from_its_own_arguments_is_refused(impl):
             return False
 
     if impl.__name__.endswith("_ring"):      # the twin takes its buffer first: nothing to race
-        ring.__init__(big, size=Size())
+        ring.__init__(big, nbytes=Size())
         assert ring.max == impl.ring_max(len(big))
         ring.release()
         ring.__init__(big, legacy_full_check=Legacy())
@@ -384,7 +384,7 @@ def test_push_many_checks_every_record_before_pushing_any(impl):
 
 def test_drain_into_refuses_an_out_buffer_overlapping_the_ring(impl):
     buf = bytearray(4096 + 240)
-    ring = impl.Ring(buf, size=4096)
+    ring = impl.Ring(buf, nbytes=4096)
     for i in range(5):
         assert ring.push(0x1000 + i, b"\x01")
     view = memoryview(buf)

@@ -95,19 +95,19 @@ class _DataRegister:
 
 
 class Doorbell:
-    """A doorbell register: every written value is a request, kept in :attr:`rings`.
+    """A doorbell register: every written value is a request, kept in :attr:`requests`.
 
     Map it ``coalesced=True, own_buffer=True`` and start the bus's pollers:
     the values reach it as they are written, on the poller thread.
     """
 
     def __init__(self) -> None:
-        self.rings: list[int] = []
+        self.requests: list[int] = []
         self.event = threading.Event()
 
     def read(self, offset: int, size: int) -> int:
-        return len(self.rings)
+        return len(self.requests)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        self.rings.append(value)
+        self.requests.append(value)
         self.event.set()

@@ -43,7 +43,7 @@ def one_input(data: bytes) -> None:
                 elif op == 1:
                     vm.unregister_coalesced_mmio(Zone(addr, fdp.ConsumeIntInRange(0, 0x40), pio=pio))
                 elif op == 2:
-                    buffers.append(vm.create_coalesced_buffer(size=fdp.ConsumeIntInRange(32, 600)))
+                    buffers.append(vm.create_coalesced_buffer(nbytes=fdp.ConsumeIntInRange(32, 600)))
                 elif op == 3 and buffers:
                     buf = fdp.PickValueInList(buffers)
                     zone = Zone(addr, fdp.ConsumeIntInRange(0, 0x40), pio=pio)

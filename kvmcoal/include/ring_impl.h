@@ -317,43 +317,4 @@ size_t kc_ring_drain_into(const kc_ring *r, void *out, size_t n, int *status,
 /* Empty the ring by setting both indices to 0. */
 void kc_ring_reset(const kc_ring *r);
 
-/*
- * A writer count for a grace period, as the kernel's SRCU gives its bus:
- * writers count themselves in one of two counters (the current epoch's)
- * while they use a zone table; whoever installs a new table flips the
- * epoch and waits for the old epoch's counter to reach zero, after which
- * no writer still uses the old table.
- */
-typedef struct kc_grace {
-    int epoch;
-    int writers[2];
-} kc_grace;
-
-static inline int kc_grace_enter(kc_grace *g)
-{
-    int idx = __atomic_load_n(&g->epoch, __ATOMIC_SEQ_CST);
-
-    __atomic_fetch_add(&g->writers[idx], 1, __ATOMIC_SEQ_CST);
-    return idx;
-}
-
-static inline void kc_grace_exit(kc_grace *g, int idx)
-{
-    __atomic_fetch_sub(&g->writers[idx], 1, __ATOMIC_SEQ_CST);
-}
-
-/* Flip the epoch; returns the old one, for kc_grace_done(). */
-static inline int kc_grace_flip(kc_grace *g)
-{
-    int old = __atomic_load_n(&g->epoch, __ATOMIC_SEQ_CST);
-
-    __atomic_store_n(&g->epoch, old ^ 1, __ATOMIC_SEQ_CST);
-    return old;
-}
-
-static inline int kc_grace_done(kc_grace *g, int old)
-{
-    return __atomic_load_n(&g->writers[old], __ATOMIC_SEQ_CST) == 0;
-}
-
 #endif

@@ -1,5 +1,5 @@
-# Cython view of the parts of <linux/kvm.h> the VMM plumbing uses: names only,
-# so the layout and the ioctl numbers are always the system header's.
+# Cython view of the parts of <linux/kvm.h> that kvmcoal.kvm._abi uses: names
+# only, so the layout and the ioctl numbers are always the system header's.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from "<sys/ioctl.h>" nogil:
@@ -13,13 +13,10 @@ cdef extern from "<linux/kvm.h>" nogil:
     const unsigned long KVM_REGISTER_COALESCED_MMIO, KVM_UNREGISTER_COALESCED_MMIO
     const unsigned long KVM_GET_REGS, KVM_SET_REGS, KVM_GET_SREGS, KVM_SET_SREGS
 
-    const int KVM_CAP_COALESCED_MMIO, KVM_CAP_COALESCED_PIO, KVM_CAP_USER_MEMORY
-    const int KVM_CAP_SET_TSS_ADDR
+    const int KVM_CAP_COALESCED_MMIO, KVM_CAP_COALESCED_PIO, KVM_CAP_SET_TSS_ADDR
 
-    const int KVM_EXIT_UNKNOWN, KVM_EXIT_EXCEPTION, KVM_EXIT_IO, KVM_EXIT_HYPERCALL
-    const int KVM_EXIT_DEBUG, KVM_EXIT_HLT, KVM_EXIT_MMIO, KVM_EXIT_IRQ_WINDOW_OPEN
-    const int KVM_EXIT_SHUTDOWN, KVM_EXIT_FAIL_ENTRY, KVM_EXIT_INTR
-    const int KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT
+    const int KVM_EXIT_IO, KVM_EXIT_HLT, KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN
+    const int KVM_EXIT_FAIL_ENTRY, KVM_EXIT_INTERNAL_ERROR
     const int KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT
 
     struct kvm_userspace_memory_region:
@@ -73,14 +70,9 @@ cdef extern from *:
 
     # The kvm_run exit payloads are anonymous structs in the header; these
     # names exist only on the Cython side and never reach the C code.
-    struct _kvm_run_hw:
-        uint64_t hardware_exit_reason
     struct _kvm_run_fail_entry:
         uint64_t hardware_entry_failure_reason
         uint32_t cpu
-    struct _kvm_run_ex:
-        uint32_t exception
-        uint32_t error_code
     struct _kvm_run_io:
         uint8_t direction
         uint8_t size
@@ -98,12 +90,8 @@ cdef extern from *:
         uint64_t data[16]
 
     struct kvm_run:
-        uint8_t request_interrupt_window
-        uint8_t immediate_exit
         uint32_t exit_reason
-        _kvm_run_hw hw
         _kvm_run_fail_entry fail_entry
-        _kvm_run_ex ex
         _kvm_run_io io
         _kvm_run_mmio mmio
         _kvm_run_internal internal

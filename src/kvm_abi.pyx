@@ -1,9 +1,26 @@
-# Included by ring.pyx: the /dev/kvm ABI, marshalled through the structs of
-# <linux/kvm.h>.  kvmcoal/kvm.py builds the VMM on top of these functions.
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The /dev/kvm ABI, marshalled through the structs of <linux/kvm.h> (kvmcoal.kvm._abi).
 
-from libc.errno cimport EINTR
+The ioctl numbers and struct layouts come from the system header through
+src/linux_kvm.pxd; none is typed by hand.  kvmcoal.kvm builds the VMM (its
+system, VM and vCPU modules) on these functions.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.buffer cimport PyBuffer_Release
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport errno, EINTR
+from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memcpy
+
 import os as _os
 
+from kvmcoal._ring cimport _get_buffer
+from kvmcoal.errors import KvmcoalError
+from linux_kvm cimport *
+
+# The numbers kvmcoal.kvm reads, by name.
 KVM_ABI = {
     "KVM_API_VERSION": KVM_API_VERSION,
     "KVM_GET_API_VERSION": KVM_GET_API_VERSION,
@@ -14,21 +31,13 @@ KVM_ABI = {
     "KVM_SET_TSS_ADDR": KVM_SET_TSS_ADDR,
     "KVM_CAP_COALESCED_MMIO": KVM_CAP_COALESCED_MMIO,
     "KVM_CAP_COALESCED_PIO": KVM_CAP_COALESCED_PIO,
-    "KVM_CAP_USER_MEMORY": KVM_CAP_USER_MEMORY,
     "KVM_CAP_SET_TSS_ADDR": KVM_CAP_SET_TSS_ADDR,
-    "KVM_EXIT_UNKNOWN": KVM_EXIT_UNKNOWN,
-    "KVM_EXIT_EXCEPTION": KVM_EXIT_EXCEPTION,
     "KVM_EXIT_IO": KVM_EXIT_IO,
-    "KVM_EXIT_HYPERCALL": KVM_EXIT_HYPERCALL,
-    "KVM_EXIT_DEBUG": KVM_EXIT_DEBUG,
     "KVM_EXIT_HLT": KVM_EXIT_HLT,
     "KVM_EXIT_MMIO": KVM_EXIT_MMIO,
-    "KVM_EXIT_IRQ_WINDOW_OPEN": KVM_EXIT_IRQ_WINDOW_OPEN,
     "KVM_EXIT_SHUTDOWN": KVM_EXIT_SHUTDOWN,
     "KVM_EXIT_FAIL_ENTRY": KVM_EXIT_FAIL_ENTRY,
-    "KVM_EXIT_INTR": KVM_EXIT_INTR,
     "KVM_EXIT_INTERNAL_ERROR": KVM_EXIT_INTERNAL_ERROR,
-    "KVM_EXIT_SYSTEM_EVENT": KVM_EXIT_SYSTEM_EVENT,
     "KVM_EXIT_IO_IN": KVM_EXIT_IO_IN,
     "KVM_EXIT_IO_OUT": KVM_EXIT_IO_OUT,
 }
@@ -210,14 +219,6 @@ cdef class KvmRunView:
     def exit_reason(self):
         return self._get().exit_reason
 
-    @property
-    def immediate_exit(self):
-        return self._get().immediate_exit
-
-    @immediate_exit.setter
-    def immediate_exit(self, value):
-        self._get().immediate_exit = 1 if value else 0
-
     def mmio(self):
         """(phys_addr, data, is_write) of a KVM_EXIT_MMIO; data has len bytes."""
         cdef kvm_run *run = self._get()
@@ -261,15 +262,6 @@ cdef class KvmRunView:
         cdef kvm_run *run = self._get()
         cdef uint32_t n = min(run.internal.ndata, 16)
         return (run.internal.suberror, tuple(run.internal.data[i] for i in range(n)))
-
-    def exception(self):
-        """(exception, error_code) of a KVM_EXIT_EXCEPTION."""
-        cdef kvm_run *run = self._get()
-        return (run.ex.exception, run.ex.error_code)
-
-    def hardware_exit_reason(self):
-        """hardware_exit_reason of a KVM_EXIT_UNKNOWN."""
-        return self._get().hw.hardware_exit_reason
 
 
 def kvm_ioctl(int fd, str name, unsigned long arg=0):

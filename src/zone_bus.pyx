@@ -1,8 +1,27 @@
-# Included by ring.pyx: the producer side of the emulated kernel, the part of
-# a vCPU's write that runs on every store.  kvmcoal/emulated.py (EmulatedVm)
-# keeps the zones and buffers and hands this layer flat, sorted tables.
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The emulated kernel's zone bus, in C (kvmcoal._zone_bus).
 
+The producer side of kvmcoal.EmulatedVm: the part of a vCPU's write that
+runs on every store.  EmulatedVm keeps the zones and buffers and hands this
+layer flat, sorted tables; a write finds its zone here and pushes into that
+zone's Ring through the C interface kvmcoal/_ring.pxd declares.
+"""
+
+cimport cython
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.object cimport PyObject
+from libc.stdint cimport uint64_t
+
+from kvmcoal._ring cimport (Ring, kc_entry, KC_PUSH_OK, _as_u64, _check_signal,
+                            _fill_entry)
+
+cdef extern from "grace.h" nogil:
+    ctypedef struct kc_grace:
+        int epoch
+    int kc_grace_enter(kc_grace *g)
+    void kc_grace_exit(kc_grace *g, int idx)
+    int kc_grace_flip(kc_grace *g)
+    int kc_grace_done(kc_grace *g, int old)
 
 cdef extern from "<sched.h>" nogil:
     int sched_yield()

@@ -1,0 +1,207 @@
+"""The VM: its fd, guest memory, coalesced zones, vCPUs and the kernel's ring."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from .._ring import Ring
+from ..errors import KvmcoalError, KvmUnavailableError
+from ..zones import Zone
+from . import _abi
+from .fd import OwnsFd
+from .vcpu import Vcpu
+
+if TYPE_CHECKING:
+    from .system import Kvm
+
+__all__ = ["Vm"]
+
+# Where real mode on Intel keeps its TSS; any unused guest-physical page range.
+_TSS_ADDR = 0xFFFBD000
+
+
+class Vm(OwnsFd):
+    """A VM: guest memory, coalesced zones, vCPUs and the kernel's ring.
+
+    Thread-safe: vCPUs run on any threads; ``close()`` refuses while one
+    is running (a guest must never write into memory that is unmapped).
+    """
+
+    def __init__(self, kvm: Kvm) -> None:
+        self.kvm = kvm
+        # The capabilities are read once: a VM does not need its Kvm open.
+        self._ring_page = kvm.coalesced_mmio_page_offset
+        self._has_pio = kvm.has_coalesced_pio
+        self._vcpu_mmap_size = kvm.vcpu_mmap_size
+        fd = _abi.kvm_ioctl(kvm.fileno(), "KVM_CREATE_VM", 0)
+        try:
+            os.set_inheritable(fd, False)
+            if kvm.check_extension(_abi.KVM_ABI["KVM_CAP_SET_TSS_ADDR"]):
+                _abi.kvm_ioctl(fd, "KVM_SET_TSS_ADDR", _TSS_ADDR)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        # Guest memory: (guest address, the mmap, a view of it that pins it).  The
+        # pin makes mmap.close() and resize() refuse with BufferError while the
+        # kernel's slot points at the mapping, so the guest never writes into
+        # whatever the process maps there next.
+        self._memory: list[tuple[int, mmap.mmap, memoryview]] = []
+        self._vcpus: list[Vcpu] = []
+        self._next_vcpu_id = 0     # the kernel keeps an id once KVM_CREATE_VCPU took it
+        self._ring: Ring | None = None
+        self._ring_map: mmap.mmap | None = None
+        # The ring's creation, vCPU creation and closing, memory, close().  Re-entrant:
+        # a signal handler may close the VM in the middle of any of them.
+        self._lock = threading.RLock()
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError("operation on a closed Vm")
+        return self._fd
+
+    def add_memory(self, guest_phys_addr: int, size: int) -> mmap.mmap:
+        """Back [guest_phys_addr, +size) with new zeroed memory and return it.
+
+        The mapping belongs to the VM until :meth:`close`: closing or
+        resizing it before then raises BufferError, since the guest may
+        still write there.
+        """
+        if size <= 0 or size % mmap.PAGESIZE or guest_phys_addr % mmap.PAGESIZE:
+            raise ValueError(f"guest memory at {guest_phys_addr:#x} of {size:#x} bytes "
+                             f"must be page-aligned and non-empty")
+        with self._lock:
+            fd = self.fileno()
+            memory = mmap.mmap(-1, size, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+            slot = (guest_phys_addr, memory, memoryview(memory))
+            try:
+                _abi.kvm_set_user_memory_region(fd, len(self._memory), guest_phys_addr, memory)
+            except OSError:           # the kernel refused: no slot points at it
+                slot[2].release()
+                memory.close()
+                raise
+            finally:
+                # Any other exception (a signal handler's) may have come after the
+                # kernel took the slot: keep the memory pinned until close().
+                if not memory.closed:
+                    self._memory.append(slot)
+        return memory
+
+    def memory(self, guest_phys_addr: int, size: int) -> memoryview:
+        """A view of [guest_phys_addr, +size) of guest memory (one slot must back it all)."""
+        self.fileno()
+        for base, memory, _pin in self._memory:
+            if base <= guest_phys_addr and guest_phys_addr + size <= base + len(memory):
+                return memoryview(memory)[guest_phys_addr - base:guest_phys_addr - base + size]
+        raise ValueError(f"no memory slot backs [{guest_phys_addr:#x}, "
+                         f"{guest_phys_addr + size:#x})")
+
+    def register_coalesced_mmio(self, zone: Zone) -> None:
+        """KVM_REGISTER_COALESCED_MMIO: the kernel coalesces guest writes in *zone*."""
+        self._zone_ioctl(True, zone)
+
+    def unregister_coalesced_mmio(self, zone: Zone) -> None:
+        """KVM_UNREGISTER_COALESCED_MMIO: remove every same-kind zone containing *zone*."""
+        self._zone_ioctl(False, zone)
+
+    def _zone_ioctl(self, register: bool, zone: Zone) -> None:
+        if not isinstance(zone, Zone):
+            raise TypeError(f"zone must be a kvmcoal.Zone, not {type(zone).__name__!r}")
+        if not self._ring_page:
+            raise KvmUnavailableError("this kernel has no coalesced MMIO (KVM_CAP_COALESCED_MMIO)")
+        if zone.pio and not self._has_pio:
+            raise KvmUnavailableError("this kernel has no coalesced PIO (KVM_CAP_COALESCED_PIO)")
+        _abi.kvm_coalesced_zone(self.fileno(), register, zone.addr, zone.size, int(zone.pio))
+
+    def create_vcpu(self) -> Vcpu:
+        """A new vCPU with the next free id."""
+        with self._lock:
+            vcpu_id = self._next_vcpu_id
+            # Taken before the ioctl: the kernel keeps an id it accepted, even if
+            # what follows fails, and a retry with it would fail with EEXIST.
+            self._next_vcpu_id += 1
+            try:
+                fd = _abi.kvm_ioctl(self.fileno(), "KVM_CREATE_VCPU", vcpu_id)
+            except OSError as exc:   # refused: the id is still free
+                self._next_vcpu_id = vcpu_id
+                if exc.errno == errno.EINVAL:
+                    raise KvmcoalError(
+                        f"the kernel refuses vCPU id {vcpu_id}: this VM has as many vCPUs "
+                        f"as it may (KVM_CAP_MAX_VCPUS)") from None
+                raise
+            vcpu = Vcpu(self, vcpu_id, fd)
+            self._vcpus.append(vcpu)
+        return vcpu
+
+    @property
+    def ring(self) -> Ring:
+        """The VM-wide coalesced ring, mapped through a vCPU's fd (one per VM)."""
+        ring = self._ring
+        if ring is not None:
+            return ring
+        with self._lock:    # two vCPU threads asking at once must get the same Ring
+            self.fileno()
+            if self._ring is None:
+                if not self._ring_page:
+                    raise KvmUnavailableError("this kernel has no coalesced MMIO ring")
+                open_vcpus = [v for v in self._vcpus if v._fd >= 0]
+                if not open_vcpus:
+                    raise ValueError("the ring is mapped through a vCPU: create one first")
+                self._ring_map = mmap.mmap(open_vcpus[0].fileno(), mmap.PAGESIZE,
+                                           offset=self._ring_page * mmap.PAGESIZE)
+                self._ring = Ring(self._ring_map)
+            return self._ring
+
+    def close(self) -> None:
+        """Release the ring, close every vCPU, the VM fd and guest memory.  Idempotent.
+
+        Raises RuntimeError, closing nothing, while a vCPU is inside ``run()``
+        or ``run_loop()`` on another thread, or when called from a handler
+        that a drain of the VM's ring is calling (close it after the drain
+        returns).  Guest memory that the caller still has views of stays
+        mapped until the last view goes.
+        """
+        ring = self._ring
+        if ring is not None and ring._consuming_here():
+            raise RuntimeError("Vm.close() called from a handler of a drain of its ring: "
+                               "close the VM after the drain returns")
+        with self._lock:
+            claimed: list[Vcpu] = []
+            try:
+                for vcpu in self._vcpus:
+                    vcpu._claim("close its Vm")
+                    claimed.append(vcpu)
+                ring, self._ring = self._ring, None
+                ring_map, self._ring_map = self._ring_map, None
+                for vcpu in self._vcpus:
+                    vcpu._close_claimed()
+                self._vcpus.clear()
+                fd, self._fd = self._fd, -1
+                if fd >= 0:
+                    os.close(fd)
+                # No vCPU can run any more: unmapping guest memory is safe now.
+                for _base, memory, pin in self._memory:
+                    pin.release()
+                    try:
+                        memory.close()
+                    except BufferError:
+                        pass   # the caller's views keep it mapped; it goes with them
+                self._memory.clear()
+            finally:
+                for vcpu in claimed:
+                    vcpu._run_lock.release()
+        # Outside the lock: release() waits for a drain in progress on another
+        # thread, whose handlers may call into this VM (and find it closed).
+        if ring is not None:
+            ring.release()
+        if ring_map is not None:
+            ring_map.close()
+
+    def __repr__(self) -> str:
+        if self._fd < 0:
+            return "<Vm closed>"
+        return f"<Vm fd={self._fd} vcpus={len(self._vcpus)} memory slots={len(self._memory)}>"
