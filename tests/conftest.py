@@ -10,6 +10,10 @@ from kvmcoal import _ring, _ring_py, kvm
 
 IMPLEMENTATIONS = {"c": _ring, "py": _ring_py}
 
+# The atheris harnesses are programs, not test modules (the doctest collector
+# would import them, and atheris is only in the fuzz extra).
+collect_ignore = ["fuzz"]
+
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS), ids=lambda name: name)
 def impl(request: pytest.FixtureRequest) -> types.ModuleType:

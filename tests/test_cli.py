@@ -26,6 +26,9 @@ def test_demo_runs_as_a_command(backend):
          "--json"], capture_output=True, text=True, check=True, timeout=120).stdout)
     on, off = report["runs"]
     assert report["backend"] == backend
+    if backend == "kvm":
+        assert report["kvm_backend"] == kvm.backend()["backend"]
+        assert f"on real KVM ({report['kvm_backend']})" in run.stdout
     assert on["writes"] == off["writes"] == cli.guest_writes(3000)
     assert on["uart"] == cli.expected_uart(3000).decode()
     assert off["from_ring"] == 0 and off["exits"] == off["writes"]
@@ -50,6 +53,10 @@ def test_probe_reports_the_host(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["ring_max"] == (info["page_size"] - 8) // 24
     assert info["kvm"] == kvm.available()
+    backend = kvm.backend()
+    assert info["kvm_backend"] == backend["backend"]
+    assert info["kvm_hardware_assisted"] == backend["hardware_assisted"]
+    assert ("kvm_note" in info) == (backend["hardware_assisted"] is False)
 
 
 def test_command_line_entry_point():

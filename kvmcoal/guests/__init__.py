@@ -2,8 +2,9 @@
 
 Each program is assembly source in this folder (``NAME.S``, GNU as syntax,
 documented at its top) next to the flat binary built from it (``NAME.bin``).
-``python -m kvmcoal.guests`` rebuilds every binary from its source with
-binutils (``as --32``, or ``--64`` for 64-bit code, and ``objcopy -O binary``); a test checks that the
+``python -m kvmcoal.guests build`` rebuilds every binary from its source with
+binutils (``as --32``, or ``--64`` for 64-bit code, and ``objcopy -O binary``),
+in place only in a source checkout; ``check`` and a test check that the
 committed binaries are exactly what their sources build to.
 """
 
@@ -15,7 +16,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["NAMES", "load", "assemble", "source_dir"]
+__all__ = ["NAMES", "assemble", "in_source_checkout", "load", "source_dir"]
 
 NAMES = ("store_loop", "selftest", "ordering", "flat32", "demo")
 
@@ -23,6 +24,15 @@ NAMES = ("store_loop", "selftest", "ordering", "flat32", "demo")
 def source_dir() -> Path:
     """The folder that holds the guest sources and binaries."""
     return Path(__file__).resolve().parent
+
+
+def in_source_checkout() -> bool:
+    """Whether these guests are a source checkout's (which may be rebuilt in place)."""
+    pyproject = source_dir().parent.parent / "pyproject.toml"
+    try:
+        return 'name = "kvmcoal"' in pyproject.read_text()
+    except OSError:
+        return False
 
 
 def load(name: str) -> bytes:
