@@ -9,6 +9,8 @@ the difference by R x entries.  PYTHONHASHSEED is fixed: string hashing
 changes dict probe counts, and with them the totals, from run to run.
 
     python benchmarks/consume_instructions.py [--rounds 200]
+
+The workload is kvmcoal bench's consumer workload (kvmcoal.bench.consumer).
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from pathlib import Path
 
 WORKER = r'''
 import sys
-sys.path.insert(0, {root!r})
 import kvmcoal
-from benchmarks.workload import empty_handler, make_entries
+from kvmcoal.bench.consumer import empty_handler, make_entries
 mode, rounds, contents = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 n = kvmcoal.RING_MAX - 1
 buf = bytearray(kvmcoal.PAGE_SIZE)
@@ -72,7 +73,7 @@ def main() -> int:
     entries = kvmcoal.RING_MAX - 1
     with tempfile.TemporaryDirectory() as tmp:
         worker = Path(tmp) / "worker.py"
-        worker.write_text(WORKER.format(root=str(Path(__file__).resolve().parent.parent)))
+        worker.write_text(WORKER)
         print(f"{'contents':<8}{'consume Ir/entry':>18}{'loop Ir/entry':>15}{'ratio':>8}")
         for contents in ("mixed", "same"):
             per_entry = {}

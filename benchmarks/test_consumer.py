@@ -3,12 +3,13 @@
 One pytest-benchmark group per question: how fast is a full one-page ring
 (``RING_MAX - 1`` entries, 169 on 4 KiB pages) drained, and a batch of 1,
 of 8 and of 64 entries, where the cost of the call itself weighs more.  In
-each group, every method of ``consumers.py``: ``drain_into`` (numpy and
-bytearray), ``drain``, ``consume`` with an empty handler, a ``pop()``
-loop, iteration, the pure-Python baselines (QEMU-style, ctypes,
-``struct.iter_unpack``, rust-vmm-style), the C consumer (``cconsumer.c``;
-skipped, saying why, where it cannot be built) and the plain loop calling
-the empty handler as often, the yardstick for ``consume``.
+each group, every method of ``kvmcoal.bench.consumer``: ``drain_into``
+(numpy and bytearray), ``drain``, ``consume`` with an empty handler, a
+``pop()`` loop, iteration, the pure-Python baselines (QEMU-style, ctypes,
+``struct.iter_unpack``, rust-vmm-style), the C consumer
+(``kvmcoal/bench/c/cconsumer.c``; skipped, saying why, where it cannot be
+built) and the plain loop calling the empty handler as often with
+constant arguments, the yardstick for ``consume``.
 
 Each timed round drains one batch; the ring is refilled in
 pytest-benchmark's ``setup``, outside the timing.  Each test checks that the
@@ -26,16 +27,16 @@ round.  ``KVMCOAL_BENCH_ROUNDS`` (default 5000) and ``KVMCOAL_BENCH_WARMUP``
     python -m pytest benchmarks/test_consumer.py --benchmark-only      # timed
     python -m pytest benchmarks/test_consumer.py --benchmark-disable   # smoke, one call each
 
-``benchmarks/report.py`` gives the same figures interleaved, with the
-ratios the targets are judged on.
+``kvmcoal bench --only consumer`` gives the same figures interleaved, with
+the ratios the targets are judged on.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from .consumers import METHOD_KEYS, consumer_methods
-from .workload import BATCHES, ROUNDS, WARMUP_ROUNDS, RefilledRing
+from kvmcoal.bench.consumer import BATCHES, METHOD_KEYS, RefilledRing, consumer_methods
+from kvmcoal.bench.knobs import ROUNDS, WARMUP_ROUNDS
 
 # None: the full ring.
 BATCH_SIZES = (*BATCHES, None)
@@ -48,7 +49,7 @@ def test_consumer(benchmark, batch, key):
     rr = RefilledRing(batch)
     method = {m.key: m for m in consumer_methods(rr)}[key]
     if method.missing is not None:
-        pytest.skip(f"the C baseline is missing: {method.missing}")
+        pytest.skip(f"missing here: {method.missing}")
     benchmark.group = f"consumer: {rr.title}"
     method.verify()
 

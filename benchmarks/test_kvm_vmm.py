@@ -2,7 +2,7 @@
 
 The same guest makes the same stores (``KVMCOAL_BENCH_KVM_STORES``, default
 100,000: three per loop iteration, a 4-byte and a 2-byte MMIO store and a
-1-byte ``out``) five ways (see ``benchmarks/kvm_workload.py``):
+1-byte ``out``) five ways (see ``kvmcoal.bench.vmm``):
 
 * ``python-coalesced``: ``Vcpu.run_loop`` with the MMIO page and the port
   registered as coalesced zones, delivering to a handler that checks each
@@ -11,10 +11,10 @@ The same guest makes the same stores (``KVMCOAL_BENCH_KVM_STORES``, default
 * ``python-batch-device``: coalesced, the device taking the ring in batches
   (``run_loop(..., drain=device.drain)``, one ``drain_into`` and one bulk
   check per KVM_RUN return);
-* ``c-coalesced`` / ``c-uncoalesced``: ``benchmarks/cvmm.c``, a small C VMM
-  doing the same (built with gcc -O2 into ``benchmarks/build/`` on first
-  use; skipped, saying so, without gcc), one long-lived process per test
-  module, each run in a fresh VM.
+* ``c-coalesced`` / ``c-uncoalesced``: ``kvmcoal/bench/c/cvmm.c``, a small
+  C VMM doing the same (built with gcc -O2 on first use into the per-user
+  cache, ``~/.cache/kvmcoal/bench``; skipped, saying so, without gcc), one
+  long-lived process per test module, each run in a fresh VM.
 
 Each round runs the guest once in a fresh VM; setting the VM up is
 pytest-benchmark's ``setup``, not timed, and checks that the previous round
@@ -22,7 +22,7 @@ delivered every store once, in order.  The timed part is the run: first
 KVM_RUN to HLT (for C, from telling the prepared C process to go until its
 result line arrives, a pipe round trip more).
 
-Targets (judged by ``report_kvm.py``, which interleaves the four): coalesced
+Targets (judged by ``kvmcoal bench --only kvm``, which interleaves the five): coalesced
 at least 2.5x the uncoalesced stores/s; the Python VMM at least 0.9x the C
 VMM's rate, both coalescing.
 
@@ -38,16 +38,16 @@ from __future__ import annotations
 
 import pytest
 
-from .knobs import env_count
-from .kvm_workload import (
-    DEFAULT_STORES, SMOKE_STORES, CRun, CvmmServer, CvmmUnavailable, PythonRun, build_cvmm,
-    iterations_for, kvm_unavailable, run_cvmm_once)
+from kvmcoal import kvm
+from kvmcoal.bench.knobs import KVM_ROUNDS as ROUNDS
+from kvmcoal.bench.knobs import KVM_STORES as STORES
+from kvmcoal.bench.knobs import SMOKE_STORES
+from kvmcoal.bench.vmm import (
+    CRun, CvmmServer, CvmmUnavailable, PythonRun, build_cvmm, iterations_for, run_cvmm_once)
 
-STORES = env_count("KVMCOAL_BENCH_KVM_STORES", DEFAULT_STORES)
-ROUNDS = env_count("KVMCOAL_BENCH_KVM_ROUNDS", 5)
 WARMUP_ROUNDS = 1
 
-_REASON = kvm_unavailable()
+_REASON = kvm.why_unavailable()
 pytestmark = [
     pytest.mark.kvm,
     pytest.mark.skipif(_REASON is not None, reason=f"/dev/kvm unusable: {_REASON}"),
@@ -113,7 +113,7 @@ def test_python_vmm_batch_device(benchmark, stores):
 
 @pytest.mark.parametrize("coalesced", COALESCING)
 def test_c_vmm(benchmark, stores, coalesced, cvmm_server):
-    """benchmarks/cvmm.c: the same guest, setup, loop and check, in C."""
+    """kvmcoal/bench/c/cvmm.c: the same guest, setup, loop and check, in C."""
     _bench(benchmark, CRun(stores, coalesced, cvmm_server))
 
 

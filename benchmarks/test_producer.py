@@ -5,8 +5,9 @@ whose ring is a 1 MiB CoalescedBuffer (43689 entries); ``Ring.push`` writes
 the same data to the same addresses of the same ring.  The ring is reset in
 pytest-benchmark's ``setup``, outside the timing, and that setup first
 checks that the previous round published exactly one batch; the last batch
-is checked byte for byte.  Target (judged by ``report_buffers.py``, which
-interleaves the methods): ``EmulatedVm.write`` within 2x of ``Ring.push``.
+is checked byte for byte (see ``kvmcoal.bench.producer``).  Target (judged
+by ``kvmcoal bench --only producer``, which interleaves the methods):
+``EmulatedVm.write`` within 2x of ``Ring.push``.
 
     python -m pytest benchmarks/test_producer.py --benchmark-only
     python -m pytest benchmarks/test_producer.py --benchmark-disable   # smoke
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import pytest
 
-from .buffers_workload import PRODUCER_ROUNDS, ProducerWorkload
+from kvmcoal.bench.knobs import PRODUCER_ROUNDS
+from kvmcoal.bench.producer import ProducerWorkload
 
 WARMUP_ROUNDS = 50
 

@@ -3,8 +3,8 @@
 A producer sends N records (the ring's 24-byte ABI records of 8-byte
 writes) to this thread, which sleeps whenever nothing is there: in
 ``CoalescedBuffer.wait()`` for kvmcoal, in the peer's blocking receive for
-the others (see ``buffers_workload.Transfer`` and its subclasses for how
-each one batches).  Two groups: "transfer: cross-process" (the producer is
+the others (see ``kvmcoal.bench.transfer.Transfer`` and its subclasses for
+how each one batches).  Two groups: "transfer: cross-process" (the producer is
 a spawned process) and "transfer: cross-thread" (a thread of this process,
 running the same code).  Producer start-up is in ``setup``, not timed;
 every record of every transfer is checked, in order, and the producer must
@@ -13,10 +13,12 @@ exit 0.  ``extra_info`` has ``records``, ``records_per_s`` and
 last transfer).
 
 A peer whose package does not import (faster-fifo and pyzmq come with the
-``bench`` extra) is skipped, the reason naming the package.  Targets
-(judged by ``report_buffers.py``, which interleaves the mechanisms):
-cross-process, kvmcoal at least 10x ``multiprocessing.Queue``'s records/s
-and at least 2x faster-fifo's.
+``bench`` extra) is skipped, the reason naming the package; a transfer
+whose producer was too slow to start or to exit (a busy machine) is
+skipped as unmeasured.  Targets (judged by ``kvmcoal bench --only
+transfer``, which interleaves the mechanisms): cross-process, kvmcoal at
+least 10x ``multiprocessing.Queue``'s records/s and at least 2x
+faster-fifo's.
 
     python -m pytest benchmarks/test_transfer.py --benchmark-only
     python -m pytest benchmarks/test_transfer.py --benchmark-disable   # smoke
@@ -30,7 +32,9 @@ import sys
 
 import pytest
 
-from .buffers_workload import RECORD_BYTES, RECORDS, SMOKE_RECORDS, TRANSFERS, PeerMissing
+from kvmcoal.bench.knobs import RECORDS, SMOKE_RECORDS
+from kvmcoal.bench.reporting import InvalidSample
+from kvmcoal.bench.transfer import RECORD_BYTES, TRANSFERS, PeerMissing
 
 TRANSFER_ROUNDS = 3          # timed transfers per benchmark
 
@@ -47,10 +51,13 @@ def _transfer(benchmark, mechanism: str, records: int, *, thread: bool) -> None:
         pytest.skip(str(exc))
     with transfer:
         rounds = 1 if benchmark.disabled else TRANSFER_ROUNDS
-        got = benchmark.pedantic(transfer.run, setup=transfer.prepare, rounds=rounds,
-                                 iterations=1)
-        assert got == records
-        transfer.finish()          # every record of the last transfer, in order
+        try:
+            got = benchmark.pedantic(transfer.run, setup=transfer.prepare, rounds=rounds,
+                                     iterations=1)
+            assert got == records
+            transfer.finish()          # every record of the last transfer, in order
+        except InvalidSample as exc:   # timing, not data: the machine is too busy
+            pytest.skip(f"unmeasured: {exc}")
         assert transfer.transfers == rounds
         benchmark.extra_info["mechanism"] = transfer.label
         benchmark.extra_info["records"] = records

@@ -1,6 +1,6 @@
-"""The ``kvmcoal`` command: ``demo``, ``probe`` and ``bench``.
+"""The kvmcoal command: demo, probe and bench.
 
-``kvmcoal demo`` boots a small real-mode guest on /dev/kvm.  The guest prints
+"kvmcoal demo" boots a small real-mode guest on /dev/kvm.  The guest prints
 a banner through a 16550 UART, then streams writes into a framebuffer and the
 UART.  It runs twice in one go, with the UART's data register and the
 framebuffer coalesced and then without, through a kvmcoal Bus.  The demo
@@ -141,11 +141,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         runs.append(run(args.iterations, coalesced))
     report: dict[str, Any] = {"backend": backend, "iterations": args.iterations, "runs": runs,
                               "speedup": runs[1]["seconds"] / runs[0]["seconds"]}
+    if backend == "kvm":
+        report["kvm_backend"] = kvm.backend()["backend"]
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     uart = runs[0]["uart"]
-    print(f"kvmcoal demo on {'real KVM' if backend == 'kvm' else 'EmulatedVm'}: "
+    where = f"real KVM ({report['kvm_backend']})" if backend == "kvm" else "EmulatedVm"
+    print(f"kvmcoal demo on {where}: "
           f"{writes} writes to a UART (port {UART:#x}) and a framebuffer "
           f"(MMIO {FRAMEBUFFER:#x}); ring of {RING_MAX} slots")
     print("guest output (UART):")
@@ -170,11 +173,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def probe() -> dict[str, Any]:
-    """What this host offers kvmcoal."""
+    """What this host offers kvmcoal, and which KVM backend serves /dev/kvm."""
     info: dict[str, Any] = {"page_size": PAGE_SIZE, "ring_max": RING_MAX,
                             "ring_capacity": RING_MAX - 1}
     reason = kvm.why_unavailable()
     info["kvm"] = reason is None
+    info.update({key if key.startswith("kvm_") else f"kvm_{key}": value
+                 for key, value in kvm.backend().items()})
+    if info["kvm_hardware_assisted"] is False:
+        info["kvm_note"] = ("no hardware virtualisation: guest code runs largely in KVM's "
+                            "instruction emulator, so guest-side figures from this host are "
+                            "far slower than on kvm_intel or kvm_amd")
     if reason is not None:
         info["kvm_unavailable_reason"] = reason
         return info
@@ -193,15 +202,19 @@ def cmd_probe(args: argparse.Namespace) -> int:
     else:
         width = max(map(len, info))
         for key, value in info.items():
-            print(f"{key:<{width}}  {value}")
+            if isinstance(value, list):
+                value = ", ".join(value) or "none"
+            print(f"{key:<{width}}  {'unknown' if value is None else value}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if not 0 < args.scale < math.inf:
         raise ValueError("--scale must be a positive number")
+    if args.blocks is not None and args.blocks < 1:
+        raise ValueError("--blocks must be at least 1")
     return bench.main(args.only, args.skip, args.scale, args.json, args.plot, args.check,
-                      args.benchmarks, args.quiet)
+                      args.quiet, blocks=args.blocks)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,17 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
                                            "support, page size and ring size of this host.")
     probe_cmd.add_argument("--json", action="store_true", help="print as JSON")
     probe_cmd.set_defaults(func=cmd_probe)
+    bench_description = (bench.__doc__ or "").partition("\n\n")[2]
     bench_cmd = sub.add_parser(
         "bench", help="a quick run (under a minute) of the headline benchmarks",
-        description=bench.__doc__.split("\n\n")[1].replace("``", "'"))
+        description=bench_description, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_cmd.add_argument("--only", metavar="SECTION", action="append",
                            choices=bench.SECTIONS,
                            help=f"run only this section (repeatable): {', '.join(bench.SECTIONS)}")
     bench_cmd.add_argument("--skip", metavar="SECTION", action="append", default=[],
                            choices=bench.SECTIONS, help="leave this section out (repeatable)")
     bench_cmd.add_argument("--scale", type=float, default=1.0,
-                           help="multiply every repeat and record count (default 1.0: about "
-                                "half a minute on 2 CPUs; 0.1 for a smoke run)")
+                           help="multiply every repeat and record count (default 1.0: under "
+                                "a minute on 2 CPUs; 0.1 for a smoke run)")
+    bench_cmd.add_argument("--blocks", type=int, metavar="N",
+                           help="interleaved blocks per section (default: consumer 10, "
+                                "producer 5, wakeup 5, transfer 3, kvm 5); more blocks give "
+                                "a steadier median of the within-block ratios")
     bench_cmd.add_argument("--json", metavar="FILE",
                            help="also write every figure as JSON to FILE ('-': JSON on stdout, "
                                 "no table)")
@@ -240,10 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(needs matplotlib: pip install 'kvmcoal[plot]')")
     bench_cmd.add_argument("--check", action="store_true",
                            help="exit with status 1 if a target is missed or cannot be judged "
-                                "(a section skipped, a peer or the C VMM missing)")
-    bench_cmd.add_argument("--benchmarks", metavar="DIR",
-                           help="the source tree's benchmarks/ directory (default: beside the "
-                                "package, else ./benchmarks)")
+                                "(a section skipped, a row missing or unmeasured)")
     bench_cmd.add_argument("--quiet", action="store_true", help="no progress on stderr")
     bench_cmd.set_defaults(func=cmd_bench)
     return parser

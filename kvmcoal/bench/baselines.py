@@ -148,6 +148,7 @@ def iter_unpack_drain(buf: Any, max_: int, handler: Handler) -> int:
         return 0
     view = memoryview(buf)
     start = HEADER_SIZE + first * ENTRY_SIZE
+    spans: tuple[memoryview, ...]
     if first < last:
         spans = (view[start:HEADER_SIZE + last * ENTRY_SIZE],)
     else:

@@ -21,7 +21,7 @@
  * checks that `first` and `last` are in range, so that it cannot read
  * outside the buffer.
  *
- * The layout comes from <linux/kvm.h>, never re-typed.  benchmarks/cbuild.py
+ * The layout comes from <linux/kvm.h>, never re-typed.  kvmcoal/bench/cbuild.py
  * builds it with gcc on first use.
  */
 #define PY_SSIZE_T_CLEAN
@@ -111,7 +111,7 @@ static PyMethodDef cconsumer_methods[] = {
 static struct PyModuleDef cconsumer_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "cconsumer",
-    .m_doc = "The C yardstick for kvmcoal's batch consumer (benchmarks/cconsumer.c).",
+    .m_doc = "The C yardstick for kvmcoal's batch consumer (kvmcoal/bench/c/cconsumer.c).",
     .m_size = -1,
     .m_methods = cconsumer_methods,
 };

@@ -1,12 +1,13 @@
 /*
  * cvmm.c - a small C VMM: the reference the Python VMM (kvmcoal.kvm) is
- * measured against by benchmarks/report_kvm.py and benchmarks/test_kvm_vmm.py.
+ * measured against by kvmcoal bench (kvmcoal/bench/vmm.py) and by
+ * benchmarks/test_kvm_vmm.py.
  *
  *     cvmm GUEST.bin ITERATIONS [--coalesce]
  *     cvmm GUEST.bin --serve
  *
  * It runs the store_loop guest (kvmcoal/guests/store_loop.S) exactly as
- * kvmcoal.cli.run_guest and benchmarks/kvm_workload.py do with kvmcoal.kvm:
+ * kvmcoal.cli.run_guest and kvmcoal/bench/vmm.py do with kvmcoal.kvm:
  * 64 KiB of memory at GPA 0, the guest at 0x1000, KVM_SET_TSS_ADDR where the
  * capability exists, 16-bit real mode at cs:ip = 0:0x1000 with es = 0xd000,
  * eax = 0, ecx = ITERATIONS, di = 0x10, dx = 0x400 (Vcpu.setup_real_mode:

@@ -1,30 +1,24 @@
-"""The workloads shared by the buffer benchmarks and ``report_buffers.py``.
+"""The transfer section: 24-byte records between processes and threads, kvmcoal against peers.
 
-Three scenarios, each with its correctness checks built in, so a benchmark
-that silently does nothing cannot produce a figure:
+A producer sends N records (the ring's 24-byte ABI records of 8-byte
+writes) to the calling thread, which sleeps whenever nothing is there; the
+records are checked, all of them, in order, and the producer must exit 0.
+The producer is a spawned process or a thread of this process, running the
+same code either way; the mechanisms are kvmcoal (KvmcoalTransfer, a
+Ring.push per record, and KvmcoalBatchTransfer, Ring.push_many of 169) and
+the peers multiprocessing.Queue, os.pipe, faster-fifo and pyzmq
+(TRANSFERS).  A peer whose package does not import raises PeerMissing, so
+it is reported as missing, not dropped.
 
-* :class:`ProducerWorkload`: a batch of 4-byte writes into a zone bound to a
-  1 MiB :class:`~kvmcoal.CoalescedBuffer`, through ``EmulatedVm.write`` or
-  ``Ring.push`` on the same ring; the ring is reset between batches,
-  outside the timing.
-* :class:`ThreadWakeups` and :class:`ProcessWakeups`: paced round trips in
-  which a producer (a thread, or a subprocess attached to the buffer by its
-  fds) makes one write while the consumer sleeps, and the consumer's wake
-  latency is taken.  One producer serves every mechanism, so the
-  mechanisms compared share the same threads or processes (and the same
-  CPU placement) and can be interleaved round trip by round trip.
-* :class:`Transfer` and its subclasses: a producer sends *N* 24-byte
-  records to the calling thread, which sleeps whenever nothing is there;
-  the records are checked, all of them, in order.  The producer is a
-  spawned process or a thread of this process, running the same code
-  either way; the mechanisms are kvmcoal (:class:`KvmcoalTransfer`) and
-  the peers ``multiprocessing.Queue``, ``os.pipe``, faster-fifo and pyzmq
-  (:data:`TRANSFERS`).  A peer whose package does not import raises
-  :class:`PeerMissing`, so it is reported as missing, not dropped.
+What is checked, and what a failure means: every record arrived, once, in
+order, byte for byte, and the producer exited 0 (data: a failure raises
+AssertionError, always); the producer started, and exited after the last
+record, within TIMEOUT_S (timing: on a busy machine that can fail, and the
+transfer is made again, see reporting.valid_sample; a mechanism whose
+transfers keep failing it is reported as unmeasured).
 
-Knobs (environment): ``KVMCOAL_BENCH_PRODUCER_ROUNDS`` (default 1000),
-``KVMCOAL_BENCH_ROUND_TRIPS`` (default 2000), ``KVMCOAL_BENCH_RECORDS``
-(default 200000).
+The targets: across processes, kvmcoal at least 10x the records/s of
+multiprocessing.Queue and at least 2x faster-fifo's.
 """
 
 from __future__ import annotations
@@ -33,537 +27,26 @@ import contextlib
 import functools
 import importlib
 import io
-import math
 import multiprocessing
 import os
+import queue
 import select
 import shutil
-import struct
-import subprocess
-import sys
+import statistics
 import tempfile
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import kvmcoal
-from kvmcoal import CoalescedBuffer, EmulatedVm, Zone
+from kvmcoal import CoalescedBuffer
 
-if __package__:
-    from .knobs import env_count
-else:  # imported by a script run from benchmarks/
-    from knobs import env_count
+from .baselines import ENTRY
+from .reporting import (TIMEOUT_S, InvalidSample, Method, Progress, RetryBudget, Section,
+                        Unmeasured, noop, ratio, rotated, valid_sample)
 
-# Timed calls per producer benchmark (each call makes PRODUCER_BATCH writes).
-PRODUCER_ROUNDS = env_count("KVMCOAL_BENCH_PRODUCER_ROUNDS", 1000)
-# Paced round trips per wake-latency benchmark.
-ROUND_TRIPS = env_count("KVMCOAL_BENCH_ROUND_TRIPS", 2000)
-# Records per transfer.
-RECORDS = env_count("KVMCOAL_BENCH_RECORDS", 200000)
-# Records per transfer when pytest-benchmark is disabled (smoke runs).
-SMOKE_RECORDS = 5000
-
-PRODUCER_BATCH = 4096             # writes per timed producer call
-PRODUCER_RING_BYTES = 1 << 20     # 43689 entries: a batch fits ten times over
-PRODUCER_DATA = b"\x2a\x00\x00\x00"
-ZONE_BASE = 0xFE00_0000
-
-PACE_S = 200e-6                   # the producer sleeps this long before each write
-TIMEOUT_S = 30.0                  # no single wait in these benchmarks should come close
-
-ENTRY = struct.Struct("<QII8s")   # the ring's 24-byte record: phys_addr, len, pio, data
-
-
-# (test id, latency summary) of each timed wake-latency benchmark in this
-# pytest session, printed by conftest.py's terminal summary: pytest-benchmark's
-# own table shows the time of each block of round trips, not the latencies.
-WAKE_FIGURES: list[tuple[str, dict]] = []
-
-
-def percentile(sorted_values: list[int] | list[float], q: float) -> float:
-    """The *q*-th percentile (0-100) of sorted values, interpolating linearly."""
-    if not sorted_values:
-        raise ValueError("percentile of no values")
-    pos = (len(sorted_values) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def latency_summary(latencies_ns: list[int]) -> dict:
-    """p50, p99, min and max of one-way latencies, in µs."""
-    s = sorted(latencies_ns)
-    return {
-        "samples": len(s),
-        "p50_us": percentile(s, 50) / 1e3,
-        "p99_us": percentile(s, 99) / 1e3,
-        "min_us": s[0] / 1e3,
-        "max_us": s[-1] / 1e3,
-    }
-
-
-def _start_producer(script: str, fds: tuple[int, ...], *args: str) -> tuple[subprocess.Popen, int]:
-    """Start ``python -c script`` and wait until it says it is ready.
-
-    Its arguments are *fds*, then the read end of a "go" pipe and the write
-    end of a "ready" pipe, then *args*; all the fds are passed to it.  It
-    writes ``b"r"`` on the ready pipe once set up.  Returns the process and
-    the write end of its go pipe; if it does not start, it is reaped and
-    AssertionError is raised.
-    """
-    go_r, go_w = os.pipe()
-    ready_r, ready_w = os.pipe()
-    fds = (*fds, go_r, ready_w)
-    proc = None
-    try:
-        try:
-            proc = subprocess.Popen([sys.executable, "-c", script, *map(str, fds), *args],
-                                    pass_fds=fds)
-        finally:
-            os.close(go_r)
-            os.close(ready_w)
-        if os.read(ready_r, 1) != b"r":
-            raise AssertionError(f"the producer process failed to start "
-                                 f"(exit status {proc.wait(TIMEOUT_S)})")
-    except BaseException:
-        os.close(go_w)
-        if proc is not None:
-            _reap(proc)
-        raise
-    finally:
-        os.close(ready_r)
-    return proc, go_w
-
-
-def _reap(proc: subprocess.Popen) -> int:
-    """Wait for *proc* to exit and return its status; killed (and re-raised) after TIMEOUT_S."""
-    try:
-        return proc.wait(TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise
-
-
-# --------------------------------------------------------------------------
-# 1. The producer path
-# --------------------------------------------------------------------------
-
-class ProducerWorkload:
-    """PRODUCER_BATCH 4-byte writes into a zone whose ring is a 1 MiB buffer.
-
-    ``vm_write_batch`` (``EmulatedVm.write``) and ``ring_push_batch``
-    (``Ring.push``) make the same writes, to the same addresses, into the
-    same ring, in the same plain ``for`` loop; ``empty_loop`` is that loop
-    alone; ``ring_push_many_batch`` pushes the same writes as raw records in
-    one ``Ring.push_many`` call.  ``reset`` is the untimed setup before each call: it checks that
-    the previous call published exactly one batch (``first == 0``, ``last ==
-    PRODUCER_BATCH``), then empties the ring.  Nothing consumes the ring, so
-    its wakeup stays signalled and neither path makes the eventfd system
-    call in the timed region (it happens once, at the very first write).
-    """
-
-    def __init__(self, batch: int = PRODUCER_BATCH, ring_bytes: int = PRODUCER_RING_BYTES) -> None:
-        self.vm = EmulatedVm()
-        self.buf = self.vm.create_coalesced_buffer(size=ring_bytes)
-        self.ring = self.buf.ring
-        if batch > self.ring.capacity:
-            raise ValueError(f"a batch of {batch} does not fit a ring of {self.ring.capacity}")
-        self.batch = batch
-        self.vm.register_coalesced_mmio2(Zone(ZONE_BASE, 4 * batch), self.buf)
-        self.addrs = [ZONE_BASE + 4 * i for i in range(batch)]
-        self.data = PRODUCER_DATA
-        self.expected = b"".join(ENTRY.pack(a, 4, 0, self.data) for a in self.addrs)
-        self.resets = 0
-        self._armed = False
-
-    def vm_write_batch(self) -> None:
-        write, data = self.vm.write, self.data
-        for addr in self.addrs:
-            write(addr, data)
-
-    def ring_push_batch(self) -> None:
-        push, data = self.ring.push, self.data
-        for addr in self.addrs:
-            push(addr, data)
-
-    def ring_push_many_batch(self) -> None:
-        """The same writes as raw records, in one ``Ring.push_many`` call."""
-        if self.ring.push_many(self.expected) != self.batch:
-            raise AssertionError("push_many refused part of a batch that fits the ring")
-
-    def empty_loop(self) -> None:
-        for _addr in self.addrs:
-            pass
-
-    def check_batch(self) -> None:
-        """The ring holds exactly one batch, from slot 0 (i.e. the last call wrote it all)."""
-        first, last = self.ring.first, self.ring.last
-        if (first, last) != (0, self.batch):
-            raise AssertionError(f"the timed call left first={first} last={last}, not one "
-                                 f"batch of {self.batch} writes from slot 0")
-
-    def reset(self) -> None:
-        """Untimed setup: check the previous timed call, then empty the ring."""
-        if self._armed:
-            self.check_batch()
-        self.ring.reset()
-        self._armed = True
-        self.resets += 1
-
-    def check_contents(self) -> None:
-        """Untimed: every write of the last batch is in the ring, in order, byte for byte."""
-        self.check_batch()
-        memfd, _ = self.buf.fds()
-        got = os.pread(memfd, len(self.expected), kvmcoal.RING_HEADER_SIZE)
-        assert got == self.expected, "the ring does not hold the batch's writes"
-
-    def check_each_path(self) -> None:
-        """Untimed: both paths accept every write of a batch and record it exactly."""
-        for name, one in (("EmulatedVm.write", self.vm.write), ("Ring.push", self.ring.push)):
-            self.ring.reset()
-            for addr in self.addrs:
-                if one(addr, self.data) is not True:
-                    raise AssertionError(f"{name} refused a write at {addr:#x}")
-            self.check_contents()
-        self.ring.reset()
-        self.ring_push_many_batch()
-        self.check_contents()
-        assert self.vm.write(ZONE_BASE + 4 * self.batch, self.data) is False  # outside the zone
-        self.ring.reset()
-        self._armed = False
-
-    def close(self) -> None:
-        self.vm.close()
-
-    def __enter__(self) -> ProducerWorkload:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-# --------------------------------------------------------------------------
-# 2. Wake latency
-# --------------------------------------------------------------------------
-
-WAKE_ADDR = 0x1000                # the thread harness's zone (EmulatedVm.write mode)
-
-THREAD_MODES = {
-    "kvmcoal": "Ring.push -> CoalescedBuffer.wait()",
-    "eventfd": "os.eventfd_write -> select.select",
-    "vm_write": "EmulatedVm.write -> CoalescedBuffer.wait()",
-}
-PROCESS_MODES = {
-    "kvmcoal": "Ring.push (attached) -> CoalescedBuffer.wait()",
-    "eventfd": "os.eventfd_write -> select.select",
-}
-_COMMANDS = {"kvmcoal": b"k", "eventfd": b"e", "vm_write": b"w"}
-
-
-def _waiter(buf: CoalescedBuffer) -> tuple:
-    """The consumer's (wait, drain) on *buf*, bound once, outside the round trips."""
-    return buf.wait, buf.ring.drain
-
-
-class _Wakeups:
-    """Paced round trips against one producer; the calling thread is the consumer.
-
-    A round trip: the consumer writes a one-byte command to the producer's
-    pipe, takes ``t_enter`` and goes to sleep (``CoalescedBuffer.wait`` or
-    ``select.select``); the producer reads the command, sleeps PACE_S so the
-    consumer is really asleep, takes ``t0`` and makes one write; the consumer
-    takes ``t1`` as soon as its wait returns, then empties what it waited on
-    (``Ring.drain``, ``os.eventfd_read``).  The latency is ``t1 - t0``;
-    ``t0 - t_enter`` (the "lead") shows the consumer had gone to sleep well
-    before the write.
-
-    :meth:`run` makes a sequence of round trips in a tight loop and checks
-    what was received only after the loop.  Keep it that way: how much the
-    consumer does between two round trips changes the scheduler's choice of
-    whether a woken consumer preempts the producer on the same CPU, and with
-    a busier consumer loop the GIL effect described in ``test_wakeup.py``
-    (``Ring.push`` holds the GIL across its eventfd ``write``) stops showing.
-
-    A subclass sets ``clock`` (what ``t_enter``, ``t0`` and ``t1`` are read
-    from) and, in ``__init__``, ``efd`` (the bare eventfd), ``_go_w`` (the
-    command pipe), ``_waits`` (mode -> the ``(wait, drain)`` pair the
-    consumer uses, for every mode but ``eventfd``) and ``_t0`` (a one-item
-    list: the slot the producer stores ``t0`` in, or ``[None]`` where ``t0``
-    travels with the write).
-    """
-
-    modes: dict[str, str] = {}
-    clock: Callable[[], int]
-
-    def __init__(self) -> None:
-        self.latencies: dict[str, list[int]] = {m: [] for m in self.modes}
-        self.leads: dict[str, list[int]] = {m: [] for m in self.modes}
-        self._seq = {m: 0 for m in self.modes}
-        self._closed = False
-
-    def reset_samples(self) -> None:
-        for m in self.modes:
-            self.latencies[m].clear()
-            self.leads[m].clear()
-
-    def summary(self, mode: str) -> dict:
-        out = latency_summary(self.latencies[mode])
-        out["min_lead_us"] = min(self.leads[mode]) / 1e3
-        return out
-
-    def run(self, modes: list[str]) -> int:
-        """One paced round trip per item of *modes*, in order; returns how many.
-
-        Raises AssertionError (after the loop) if a wakeup did not come, or
-        brought anything but the one write that was asked for.
-        """
-        raw = self._loop(modes)
-        for mode, t_enter, t0, t1, ready, got in raw:
-            if not ready:
-                self._fail(mode, f"no wakeup within {TIMEOUT_S} s")
-            t0 = self._check_received(mode, t0, got)
-            if not t_enter < t0 < t1:
-                self._fail(mode, f"t0={t0} is not between the consumer's t_enter={t_enter} "
-                                 f"and t1={t1}: not one write made while it slept")
-            self._seq[mode] += 1
-            self.latencies[mode].append(t1 - t0)
-            self.leads[mode].append(t0 - t_enter)
-        return len(raw)
-
-    def _loop(self, modes: list[str]) -> list[tuple]:
-        """The round trips, raw: (mode, t_enter, t0 or None, t1, ready, got) each."""
-        write, go, commands = os.write, self._go_w, _COMMANDS
-        clock, stamp = self.clock, self._t0
-        select_, efd, eventfd_read = select.select, self.efd, os.eventfd_read
-        waits = self._waits
-        raw: list[tuple] = []
-        append = raw.append
-        for mode in modes:
-            write(go, commands[mode])
-            if mode == "eventfd":
-                t_enter = clock()
-                ready = select_([efd], [], [], TIMEOUT_S)[0]
-                t1 = clock()
-                got = eventfd_read(efd) if ready else None
-            else:
-                wait, drain = waits[mode]
-                t_enter = clock()
-                ready = wait(TIMEOUT_S)
-                t1 = clock()
-                got = drain()
-            append((mode, t_enter, stamp[0], t1, ready, got))
-            if not ready:
-                break
-        return raw
-
-    def _check_received(self, mode: str, t0: int, got: object) -> int:
-        """Check what one round trip received; return its t0."""
-        raise NotImplementedError
-
-    def _fail(self, mode: str, what: str) -> None:
-        raise AssertionError(f"{mode}: {what}")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-class ThreadWakeups(_Wakeups):
-    """Producer thread, consumer = the calling thread; time.perf_counter_ns.
-
-    Modes: ``kvmcoal`` (``Ring.push`` of one entry into a CoalescedBuffer,
-    the consumer in ``buf.wait()``), ``eventfd`` (``os.eventfd_write`` on a
-    bare eventfd, the consumer in ``select.select`` then ``os.eventfd_read``)
-    and ``vm_write`` (``EmulatedVm.write`` into a zone bound to a buffer,
-    which runs the ring's producer with the GIL released).  The producer
-    stores ``t0`` in a shared slot just before the write, the same way in
-    every mode; the consumer reads it after ``t1``.
-    """
-
-    modes = THREAD_MODES
-    clock = time.perf_counter_ns
-
-    def __init__(self, pace: float = PACE_S) -> None:
-        super().__init__()
-        self.pace = pace
-        self.buf = CoalescedBuffer()
-        self.vm = EmulatedVm()
-        self.vm_buf = self.vm.create_coalesced_buffer()
-        self.vm.register_coalesced_mmio2(Zone(WAKE_ADDR, 8), self.vm_buf)
-        self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._go_r, self._go_w = os.pipe()
-        self._waits = {"kvmcoal": _waiter(self.buf), "vm_write": _waiter(self.vm_buf)}
-        self._t0 = [0]
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._producer, name="wake-producer", daemon=True)
-        self._thread.start()
-
-    def _producer(self) -> None:
-        read, go, sleep, pace = os.read, self._go_r, time.sleep, self.pace
-        clock, t0 = self.clock, self._t0
-        push, write = self.buf.ring.push, self.vm.write
-        eventfd_write, efd = os.eventfd_write, self.efd
-        seq_k = seq_w = 0
-        try:
-            while True:
-                cmd = read(go, 1)
-                if cmd == b"k":
-                    data = seq_k.to_bytes(8, "little")
-                    seq_k += 1
-                    sleep(pace)
-                    t0[0] = clock()
-                    ok = push(WAKE_ADDR, data)
-                elif cmd == b"e":
-                    sleep(pace)
-                    t0[0] = clock()
-                    eventfd_write(efd, 1)
-                    ok = True
-                elif cmd == b"w":
-                    data = seq_w.to_bytes(8, "little")
-                    seq_w += 1
-                    sleep(pace)
-                    t0[0] = clock()
-                    ok = write(WAKE_ADDR, data)
-                else:
-                    return
-                if not ok:
-                    raise AssertionError(f"the producer's write was refused (command {cmd!r})")
-        except BaseException as exc:  # reported by the consumer, which would time out
-            self._error = exc
-
-    def _check_received(self, mode: str, t0: int, got: object) -> int:
-        if mode == "eventfd":
-            if got != 1:
-                self._fail(mode, f"the eventfd counted {got} writes, not 1")
-        else:
-            seq = self._seq[mode]
-            if [(e.phys_addr, e.value) for e in got] != [(WAKE_ADDR, seq)]:
-                self._fail(mode, f"expected the one write #{seq}, got {got}")
-        return t0
-
-    def _fail(self, mode: str, what: str) -> None:
-        if self._error is not None:
-            raise AssertionError(f"{mode}: the producer thread failed") from self._error
-        super()._fail(mode, what)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        os.write(self._go_w, b"q")
-        self._thread.join(TIMEOUT_S)
-        alive = self._thread.is_alive()
-        os.close(self._go_w)
-        os.close(self._go_r)
-        os.close(self.efd)
-        self.buf.close()
-        self.vm.close()
-        if alive:
-            raise AssertionError("the producer thread did not stop")
-        if self._error is not None:
-            raise AssertionError("the producer thread failed") from self._error
-
-
-WAKE_PRODUCER = textwrap.dedent("""
-    import os, sys, time
-    from kvmcoal import CoalescedBuffer
-    memfd, ring_efd, efd, go, ready = map(int, sys.argv[1:6])
-    pace = float(sys.argv[6])
-    buf = CoalescedBuffer.attach(memfd, ring_efd)
-    push, eventfd_write = buf.ring.push, os.eventfd_write
-    read, sleep, clock = os.read, time.sleep, time.monotonic_ns
-    seq = 0
-    os.write(ready, b"r")
-    while True:
-        cmd = read(go, 1)
-        if cmd == b"k":
-            data = seq.to_bytes(8, "little")
-            seq += 1
-            sleep(pace)
-            if not push(clock(), data):        # t0 rides in the entry's phys_addr
-                sys.exit("push refused a write into an empty ring")
-        elif cmd == b"e":
-            sleep(pace)
-            eventfd_write(efd, clock())        # t0 rides in the eventfd's counter
-        else:
-            break
-""")
-
-
-class ProcessWakeups(_Wakeups):
-    """Producer subprocess (attached by fds), consumer = this process; time.monotonic_ns.
-
-    Modes: ``kvmcoal`` (the subprocess attaches to a CoalescedBuffer with
-    ``CoalescedBuffer.attach(memfd, eventfd)`` and pushes one entry; the
-    consumer sleeps in ``buf.wait()``) and ``eventfd`` (``os.eventfd_write``
-    on a bare eventfd; ``select.select`` then ``os.eventfd_read``).
-    CLOCK_MONOTONIC is system-wide, so ``t0`` travels with the write: in the
-    entry's ``phys_addr`` (an int, so no encoding sits between the clock
-    read and the push; ``data`` carries the sequence number, prepared before
-    the pacing sleep) and in the eventfd's counter (which the consumer's
-    read returns; two writes would read as their sum, far past ``t1``).
-    """
-
-    modes = PROCESS_MODES
-    clock = time.monotonic_ns
-
-    def __init__(self, pace: float = PACE_S) -> None:
-        super().__init__()
-        self.buf = CoalescedBuffer()
-        self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._waits = {"kvmcoal": _waiter(self.buf)}
-        self._t0 = [None]                # t0 comes with what the consumer receives
-        memfd, ring_efd = self.buf.fds()
-        try:
-            self._proc, self._go_w = _start_producer(WAKE_PRODUCER, (memfd, ring_efd, self.efd),
-                                                     repr(pace))
-        except BaseException:
-            os.close(self.efd)
-            self.buf.close()
-            raise
-
-    def _check_received(self, mode: str, t0: object, got: object) -> int:
-        if mode == "eventfd":
-            return got                  # t0; run() checks it lies between t_enter and t1
-        seq = self._seq[mode]
-        if len(got) != 1 or got[0].value != seq:
-            self._fail(mode, f"expected the one write #{seq}, got {got}")
-        return got[0].phys_addr
-
-    def _fail(self, mode: str, what: str) -> None:
-        status = self._proc.poll()
-        if status is not None:
-            what += f" (the producer process exited with status {status})"
-        super()._fail(mode, what)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            os.write(self._go_w, b"q")
-        except BrokenPipeError:
-            pass
-        os.close(self._go_w)
-        try:
-            status = _reap(self._proc)
-        finally:
-            os.close(self.efd)
-            self.buf.close()
-        if status != 0:
-            raise AssertionError(f"the producer process exited with status {status}")
-
-
-# --------------------------------------------------------------------------
-# 3. Throughput of 24-byte records, across processes and across threads
-# --------------------------------------------------------------------------
+RECORDS = 200_000                 # records per transfer, by default
 
 # Records per write (os.pipe) and per put_many (faster-fifo): a one-page
 # ring's capacity, and 4056 bytes, within PIPE_BUF, so a pipe write is
@@ -627,7 +110,7 @@ class _PassedFds:
         return _open_passed_fds, (self.opener, *(reduction.DupFd(fd) for fd in self.fds))
 
 
-def _open_passed_fds(opener: Callable, *dups: object) -> object:
+def _open_passed_fds(opener: Callable[..., object], *dups: Any) -> object:
     return opener(*(dup.detach() for dup in dups))
 
 
@@ -683,6 +166,7 @@ class _Producer:
         sync = threading if thread else multiprocessing.get_context("spawn")
         self._ready, self._go, self._done = sync.Event(), sync.Event(), sync.Event()
         args = (setup, end, n, self._ready, self._go, self._done)
+        self._worker: Any   # a Thread or a SpawnProcess
         if thread:
             self._worker = threading.Thread(target=self._in_thread, args=args,
                                             name="transfer-producer", daemon=True)
@@ -691,11 +175,14 @@ class _Producer:
         self._worker.start()
         deadline = time.monotonic() + TIMEOUT_S
         while not self._ready.wait(0.05):
-            if not self._worker.is_alive() or time.monotonic() > deadline:
+            if not self._worker.is_alive():          # it failed: a bug, not the machine
                 self.kill()
                 raise AssertionError(f"the producer did not start ({self.status()})")
+            if time.monotonic() > deadline:          # timing: the machine is too busy
+                self.kill()
+                raise InvalidSample(f"the producer did not start within {TIMEOUT_S:g} s")
 
-    def _in_thread(self, *args: object) -> None:
+    def _in_thread(self, *args: Any) -> None:
         try:
             _produce(*args)
         except BaseException as exc:  # reported by reap() or the consumer's timeout
@@ -713,19 +200,25 @@ class _Producer:
         return f"exit code {self._worker.exitcode}"
 
     def reap(self) -> None:
-        """Let the producer end, and wait for it; AssertionError unless it exited 0 (or returned)."""
+        """Let the producer end, and wait for it; AssertionError unless it exited 0 (or returned).
+
+        InvalidSample if it is still running after TIMEOUT_S (then it is killed):
+        a timing failure, once the consumer has every record.
+        """
         self._done.set()
         self._worker.join(TIMEOUT_S)
         if self._worker.is_alive():
             self.kill()
-            raise AssertionError(f"the producer did not finish within {TIMEOUT_S} s")
+            raise InvalidSample(f"the producer did not exit within {TIMEOUT_S:g} s of the "
+                                "last record")
         if self.thread:
             if self.error is not None:
                 raise AssertionError("the producer thread failed") from self.error
             return
         exitcode = self._worker.exitcode
         self._worker.close()
-        assert exitcode == 0, f"the producer process exited with code {exitcode}"
+        if exitcode != 0:
+            raise AssertionError(f"the producer process exited with code {exitcode}")
 
     def kill(self) -> None:
         """Stop the producer (after a failure): a process at once, a thread see :meth:`join`."""
@@ -823,6 +316,7 @@ class Transfer:
 
     def run(self) -> int:
         """Timed: start the producer and receive every record; returns how many."""
+        assert self._producer is not None, "prepare() first"
         self._producer.go()
         self._got, self.batches = self._receive(self.records)
         return self._got
@@ -832,12 +326,20 @@ class Transfer:
         if self._producer is None:
             return
         producer, self._producer = self._producer, None
+        late: InvalidSample | None = None
         try:
-            producer.reap()
-            assert self._got == self.records, f"received {self._got} of {self.records} records"
+            try:
+                producer.reap()
+            except InvalidSample as exc:
+                late = exc          # raised after the data checks, which come first
+            # Data checks: a failure is a bug, whatever the machine does.
+            if self._got != self.records:
+                raise AssertionError(f"received {self._got} of {self.records} records")
             check_stream(self._received(), self.records)
         finally:
             self._close_transfer()
+        if late is not None:
+            raise late
         self.transfers += 1
 
     def close(self) -> None:
@@ -853,8 +355,10 @@ class Transfer:
             producer.join()
 
     def _stalled(self, got: int) -> AssertionError:
+        # Records that do not arrive within TIMEOUT_S are lost, not late: a data failure.
         return AssertionError(f"{self.label}: the producer stalled after {got} of "
-                              f"{self.records} records ({self._producer.status()})")
+                              f"{self.records} records "
+                              f"({self._producer.status() if self._producer else 'gone'})")
 
     # The mechanism's part.
     def _open_transfer(self) -> None:
@@ -919,10 +423,11 @@ class KvmcoalTransfer(Transfer):
 
     @property
     def label(self) -> str:
-        return f"kvmcoal, {self.buf.size}-byte ring ({self.buf.ring.capacity} entries)"
+        return f"kvmcoal, {self.buf.nbytes}-byte ring ({self.buf.ring.capacity} entries)"
 
     def _open_transfer(self) -> None:
-        assert len(self.buf.ring) == 0, "records left in the ring before a transfer"
+        if len(self.buf.ring):
+            raise AssertionError("records left in the ring before a transfer")
         self._out = bytearray(self.records * RECORD_BYTES)
 
     def _producer_end(self) -> object:
@@ -943,7 +448,8 @@ class KvmcoalTransfer(Transfer):
         return got, batches
 
     def _received(self) -> bytearray:
-        assert len(self.buf.ring) == 0, "records left in the ring after the transfer"
+        if len(self.buf.ring):
+            raise AssertionError("records left in the ring after the transfer")
         return self._out
 
     def _close_channel(self) -> None:
@@ -984,7 +490,7 @@ class KvmcoalBatchTransfer(KvmcoalTransfer):
 
     @property
     def label(self) -> str:
-        return (f"kvmcoal push_many of {TRANSFER_BATCH}, {self.buf.size}-byte ring "
+        return (f"kvmcoal push_many of {TRANSFER_BATCH}, {self.buf.nbytes}-byte ring "
                 f"({self.buf.ring.capacity} entries)")
 
 
@@ -1005,7 +511,7 @@ class _ListTransfer(Transfer):
 class _QueueTransfer(_ListTransfer):
     """Through a queue made afresh for each transfer, handed to the producer as it is."""
 
-    _queue = None
+    _queue: Any = None
 
     def _new_queue(self):
         raise NotImplementedError
@@ -1117,6 +623,7 @@ class PipeTransfer(Transfer):
 
     def _receive(self, n: int) -> tuple[int, int]:
         total = n * RECORD_BYTES
+        assert self._reader is not None, "prepare() first"
         readinto, r, select_ = self._reader.readinto, self._reader.fileno(), select.select
         out = memoryview(self._out)
         got = reads = 0
@@ -1178,11 +685,10 @@ class FasterFifoTransfer(_QueueTransfer):
     producer = _faster_fifo_producer
 
     def _new_queue(self):
-        import faster_fifo
+        import faster_fifo  # type: ignore[import-not-found,import-untyped,unused-ignore]
         return faster_fifo.Queue(loads=bytes, dumps=_unchanged)
 
     def _receive(self, n: int) -> tuple[int, int]:
-        from faster_fifo import Empty
         get_many = self._queue.get_many
         got = self._list
         extend = got.extend
@@ -1191,7 +697,7 @@ class FasterFifoTransfer(_QueueTransfer):
             while len(got) < n:
                 extend(get_many(True, TIMEOUT_S))
                 calls += 1
-        except Empty:
+        except queue.Empty:          # what faster-fifo raises (its Empty is queue's)
             raise self._stalled(len(got)) from None
         return len(got), calls
 
@@ -1282,3 +788,125 @@ TRANSFERS: dict[str, Callable[..., Transfer]] = {
     "faster_fifo": FasterFifoTransfer,
     "zmq": ZmqTransfer,
 }
+
+
+# What measure() compares: the producer in a process or in a thread, and the
+# ratios it reports: (mode, numerator, denominator, op, target); kvmcoal's
+# one-page ring against each peer, the 64 KiB ring against the Queue for
+# reference.
+MODES = {"processes": False, "threads": True}
+RATIOS: list[tuple[str, str, str, str | None, float | None]] = [
+    ("processes", "kvmcoal", "queue", ">=", 10.0),
+    ("processes", "kvmcoal_64k", "queue", None, None),
+    ("processes", "kvmcoal", "faster_fifo", ">=", 2.0),
+    ("processes", "kvmcoal", "pipe", None, None),
+    ("processes", "kvmcoal", "zmq", None, None),
+    ("processes", "kvmcoal_batch", "pipe", None, None),
+    ("threads", "kvmcoal", "queue", None, None),
+    ("threads", "kvmcoal_64k", "queue", None, None),
+    ("threads", "kvmcoal", "faster_fifo", None, None),
+    ("threads", "kvmcoal", "pipe", None, None),
+    ("threads", "kvmcoal", "zmq", None, None),
+    ("threads", "kvmcoal_batch", "pipe", None, None),
+]
+# How the ratios name the mechanisms.
+SHORT_NAMES = {"kvmcoal": "kvmcoal", "kvmcoal_64k": "kvmcoal 64 KiB",
+               "kvmcoal_batch": "kvmcoal push_many 64 KiB", "queue": "Queue",
+               "pipe": "os.pipe", "faster_fifo": "faster-fifo", "zmq": "pyzmq"}
+# Tries of one transfer whose producer was too slow to start or to exit.
+TRIES_PER_TRANSFER = 3
+
+
+def _timed_transfer(t: Transfer) -> tuple[float, int]:
+    """One transfer: prepared (untimed), run (timed), checked; its records/s and receives."""
+    t.prepare()
+    t0 = time.perf_counter()
+    n = t.run()
+    elapsed = time.perf_counter() - t0
+    t.finish()              # every record, in order, and the producer exited 0
+    return n / elapsed, t.batches
+
+
+def measure(records: int, transfers: int, progress: Progress | None = None) -> Section:
+    """Records/s of every mechanism of TRANSFERS, producer in a process and in a thread.
+
+    Each of *transfers* blocks makes one transfer of each mechanism, in a
+    rotated order, so that all are measured under the same conditions; a
+    peer that does not import is reported with "missing" (its reason), one
+    whose transfers keep failing their timing checks with "unmeasured", and
+    so are the ratios against them.
+    """
+    say = progress or noop
+    methods: list[tuple[str, str, Transfer]] = []
+    missing: dict[str, str] = {}
+    unmeasured: dict[tuple[str, str], str] = {}
+    budgets: dict[tuple[str, str], RetryBudget] = {}
+    try:
+        for mode, thread in MODES.items():
+            for key, make in TRANSFERS.items():
+                try:
+                    methods.append((mode, key, make(records, thread=thread)))
+                except PeerMissing as exc:
+                    missing[key] = str(exc)
+                budgets[mode, key] = RetryBudget(transfers, per_sample=TRIES_PER_TRANSFER,
+                                                 least=TRIES_PER_TRANSFER)
+        rates: dict[tuple[str, str], list[float]] = {(m, k): [] for m, k, _ in methods}
+        calls: dict[tuple[str, str], list[int]] = {(m, k): [] for m, k, _ in methods}
+        for b in range(transfers):
+            say(f"throughput: block {b + 1} of {transfers}, {len(methods)} transfers "
+                f"of {records} records")
+            for mode, key, t in rotated(methods, b):
+                if (mode, key) in unmeasured:
+                    continue
+                try:
+                    rate, receives = valid_sample(functools.partial(_timed_transfer, t),
+                                                  budgets[mode, key])
+                except Unmeasured as exc:
+                    unmeasured[mode, key] = str(exc)
+                    continue
+                rates[mode, key].append(rate)
+                calls[mode, key].append(receives)
+        for mode, key, t in methods:
+            if (mode, key) not in unmeasured and t.transfers != transfers:
+                raise AssertionError(f"{mode} {key}: {t.transfers} transfers checked, "
+                                     f"not {transfers}")
+        labels = {(mode, key): t.label for mode, key, t in methods}
+    finally:
+        for _mode, _key, t in methods:
+            t.close()
+
+    out: Section = {
+        "caption": [f"{records} {RECORD_BYTES}-byte records from a producer (spawned process "
+                    "or thread) to this thread, asleep whenever nothing is there;",
+                    f"{transfers} transfers per method, interleaved; every record checked, in "
+                    f"order; receives: the consumer's receive calls per transfer; os.pipe and "
+                    f"faster-fifo send {TRANSFER_BATCH} records per call"],
+        "records": records, "record_bytes": RECORD_BYTES, "transfers": transfers,
+        "batch": TRANSFER_BATCH, "ratios": []}
+    for mode in MODES:
+        got: dict[str, Method] = {}
+        for key in TRANSFERS:
+            retried = budgets[mode, key].retried
+            if key in missing:
+                got[key] = {"label": SHORT_NAMES[key], "missing": missing[key]}
+            elif (mode, key) in unmeasured:
+                got[key] = {"label": labels[mode, key], "unmeasured": unmeasured[mode, key],
+                            "retried": retried}
+            else:
+                median = statistics.median(rates[mode, key])
+                got[key] = {
+                    "label": labels[mode, key],
+                    "transfers": len(rates[mode, key]),
+                    "median_records_per_s": median,
+                    "best_records_per_s": max(rates[mode, key]),
+                    "median_ns_per_record": 1e9 / median,
+                    "median_receive_calls": statistics.median(calls[mode, key]),
+                    "retried": retried,
+                }
+        out[mode] = got
+        per_block = {key: rates.get((mode, key), []) for key in TRANSFERS}
+        out["ratios"] += [
+            ratio(f"records/s, {mode}: {SHORT_NAMES[num]} / {SHORT_NAMES[den]}", got, num, den,
+                  per_block, op, target, pooled={"pooled": "median_records_per_s"})
+            for m, num, den, op, target in RATIOS if m == mode]
+    return out
