@@ -12,7 +12,8 @@ ENTRY_SIZE: Final[int]
 RING_HEADER_SIZE: Final[int]
 """Bytes before the first entry (``first`` and ``last``): 8."""
 MIN_RING_NBYTES: Final[int]
-"""Smallest buffer a ring fits in: one header and one slot, 32 bytes."""
+"""Smallest ring: a header and two slots, 56 bytes (one slot always stays empty,
+so a ring of one slot could hold no entry)."""
 PAGE_SIZE: Final[int]
 """The host's page size, read at import time."""
 RING_MAX: Final[int]
@@ -182,6 +183,7 @@ class Ring:
     def _dup_notifier_fd(self) -> int: ...
     def _share_notifier(self) -> None: ...
     def _consuming_here(self) -> bool: ...
+    def _forget_parent_threads(self) -> None: ...
     def __iter__(self) -> Iterator[Entry]:
         """Iterate by popping: each step consumes one entry; stops when empty."""
     def __next__(self) -> Entry: ...

@@ -16,8 +16,10 @@ from __future__ import annotations
 import ctypes
 import mmap
 import operator
+import os
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -37,7 +39,7 @@ _MAX_SLOTS = 2**32 - 1              # index arithmetic is 32-bit, like the kerne
 
 ENTRY_SIZE = _ENTRY.size
 RING_HEADER_SIZE = _HEADER.size
-MIN_RING_NBYTES = RING_HEADER_SIZE + ENTRY_SIZE
+MIN_RING_NBYTES = RING_HEADER_SIZE + 2 * ENTRY_SIZE   # one slot stays empty: 2 hold 1 entry
 PAGE_SIZE = mmap.PAGESIZE
 
 
@@ -77,12 +79,19 @@ def _check_data(data: Any) -> bytes:
     try:
         view = memoryview(data)
     except TypeError:
-        raise TypeError(f"data must be a bytes-like object, not {_typename(data)}") from None
+        raise TypeError(f"data must be a bytes-like object, not {_typename(data)} "
+                        f"(the bytes written; Bus.write takes an int)") from None
     with view:
         # Check the length first so a huge buffer is refused without a copy.
         if not 1 <= view.nbytes <= _MAX_DATA:
             raise ValueError(f"data must be 1 to {_MAX_DATA} bytes, got {view.nbytes}")
         return view.tobytes()
+
+
+def _check_pio(pio: Any) -> bool:
+    if not isinstance(pio, bool):
+        raise TypeError(f"pio must be True or False, not {pio!r}")
+    return pio
 
 
 def _check_limit(limit: int | None) -> int | None:
@@ -136,7 +145,9 @@ class Entry:
     def __init__(self, phys_addr: int, data: Any, pio: bool = False) -> None:
         if hasattr(self, "_data"):
             raise TypeError("Entry is immutable: __init__ cannot be called again")
-        self._init(_check_phys_addr(phys_addr), _check_data(data), bool(pio))
+        phys_addr = _check_phys_addr(phys_addr)
+        pio = _check_pio(pio)
+        self._init(phys_addr, _check_data(data), pio)
 
     def _init(self, phys_addr: int, data: bytes, pio: bool) -> None:
         object.__setattr__(self, "_phys_addr", phys_addr)
@@ -201,6 +212,18 @@ Handler = Callable[[int, bytes, bool], object]
 _Record = tuple[int, bytes, bool]
 
 
+# Rings alive in this process; a forked child gets fresh locks, as the C ring does.
+_live_rings: weakref.WeakSet[Ring] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for ring in list(_live_rings):
+        ring._forget_parent_threads()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Ring:
     """A coalesced MMIO/PIO ring over a writable, C-contiguous buffer; see ``_ring.pyi``."""
 
@@ -237,6 +260,12 @@ class Ring:
         self._legacy = bool(legacy_full_check)
         self._lock = threading.Lock()
         self._owner: int | None = None   # thread running a consumer call
+        _live_rings.add(self)
+
+    def _forget_parent_threads(self) -> None:
+        """In a forked child: the lock and owner were a parent thread's, which is not here."""
+        self._lock = threading.Lock()
+        self._owner = None
 
     # -- state -------------------------------------------------------------
 
@@ -345,6 +374,7 @@ class Ring:
         """Record a write as the kernel does; False if the kernel would refuse it."""
         view = self._live()
         phys_addr = _check_phys_addr(phys_addr)
+        pio = _check_pio(pio)
         raw = _check_data(data)
         # first is only compared, never used as an index, so it needs no check.
         first, insert = _HEADER.unpack_from(view, 0)
@@ -359,7 +389,7 @@ class Ring:
             return False
         # "8s" pads with zeros; the entry is complete before last moves.
         _ENTRY.pack_into(view, RING_HEADER_SIZE + insert * ENTRY_SIZE,
-                         phys_addr, len(raw), int(bool(pio)), raw)
+                         phys_addr, len(raw), int(pio), raw)
         _INDEX.pack_into(view, _LAST_OFFSET, (insert + 1) % self._max)
         return True
 

@@ -8,6 +8,7 @@ from kvmcoal._ring import Ring
 
 @disjoint_base
 class _ZoneBus:
+    def _forget_writers(self) -> None: ...
     def _set_zones(self, pio: bool, entries: list[tuple[int, int, Ring]]) -> None: ...
     def write(self, phys_addr: int, data: Buffer, *, pio: bool = False) -> bool:
         """A guest store: True if coalesced into a zone's ring, False for the exit path."""

@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from . import _ring
+from ._ring import Entry, Ring
 from .errors import BufferForkedError
 
 __all__ = ["CoalescedBuffer"]
@@ -96,22 +97,22 @@ class CoalescedBuffer:
     by the ring's lock.
     """
 
+    # Both None until _open() sets them (see _unopened()).
+    _map: mmap.mmap
+    _ring: Ring
+
     def __init__(self, nbytes: int | None = None) -> None:
         nbytes = _ring.PAGE_SIZE if nbytes is None else nbytes
         _ring.ring_max(nbytes)  # validates the size with a clear error
-        memfd = os.memfd_create("kvmcoal-buffer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self._unopened()
         try:
-            os.ftruncate(memfd, _memfd_size(nbytes))
-            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
-            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._memfd = os.memfd_create("kvmcoal-buffer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            os.ftruncate(self._memfd, _memfd_size(nbytes))
+            fcntl.fcntl(self._memfd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
+            self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._open(nbytes, initialize=True)
         except BaseException:
-            os.close(memfd)
-            raise
-        try:
-            self._open(memfd, efd, nbytes, initialize=True)
-        except BaseException:
-            os.close(memfd)
-            os.close(efd)
+            self._teardown()
             raise
 
     @classmethod
@@ -128,20 +129,23 @@ class CoalescedBuffer:
         one process must share one buffer object, or their writes race.
         """
         buf = cls.__new__(cls)
-        memfd = os.dup(memfd)
+        buf._unopened()
         try:
-            eventfd = os.dup(eventfd)
+            buf._memfd = os.dup(memfd)
+            buf._efd = os.dup(eventfd)
+            buf._open(cls._check_fds(buf._memfd, buf._efd), initialize=False)
         except BaseException:
-            os.close(memfd)
-            raise
-        try:
-            nbytes = cls._check_fds(memfd, eventfd)
-            buf._open(memfd, eventfd, nbytes, initialize=False)
-        except BaseException:
-            os.close(memfd)
-            os.close(eventfd)
+            buf._teardown()
             raise
         return buf
+
+    def _unopened(self) -> None:
+        # The state _teardown() can undo from any point of the set-up: an
+        # exception may land anywhere in it (Ctrl-C, a signal handler's).
+        self._closed = True
+        self._memfd = self._efd = -1
+        self._map = None    # type: ignore[assignment]
+        self._ring = None   # type: ignore[assignment]
 
     @staticmethod
     def _check_fds(memfd: int, eventfd: int) -> int:
@@ -166,37 +170,52 @@ class CoalescedBuffer:
             raise ValueError(f"fd {eventfd} is not an eventfd")
         return nbytes
 
-    def _open(self, memfd: int, efd: int, nbytes: int, *, initialize: bool) -> None:
-        # On failure the caller closes the fds; this closes only what it made.
-        self._map = mmap.mmap(memfd, _memfd_size(nbytes))
+    def _open(self, nbytes: int, *, initialize: bool) -> None:
+        # On failure the caller's _teardown() undoes whatever this got to.
+        self._map = mmap.mmap(self._memfd, _memfd_size(nbytes))
         control = _align8(nbytes)
         if initialize:
             _CONTROL.pack_into(self._map, control, _MAGIC, _VERSION, nbytes, 0)
-        self._memfd = memfd
-        self._efd = efd
         self._nbytes = nbytes
-        ring = None
-        try:
-            ring = _ring.Ring(self._map, nbytes=nbytes)
-            ring._attach_notifier(efd, control + _SIGNALED_OFFSET)
-            if not initialize:          # attached: another process made it
-                ring._share_notifier()
-        except BaseException:
-            if ring is not None:
-                ring.release()   # its export of the map first, or the map cannot close
-            self._map.close()
-            raise
-        self._ring = ring
-        self._closed = False
+        self._ring = _ring.Ring(self._map, nbytes=nbytes)
+        self._ring._attach_notifier(self._efd, control + _SIGNALED_OFFSET)
+        if not initialize:          # attached: another process made it
+            self._ring._share_notifier()
         self._close_lock = threading.RLock()   # two threads' close() would close fds twice
         self._pid = os.getpid()
         self._on_close: list[Any] = []
         _live_buffers.add(self)
+        self._closed = False        # last: from here on close() undoes it all
+
+    def _teardown(self) -> None:
+        """Undo a set-up from wherever it got to: each piece once, each fd closed once."""
+        self._closed = True
+        _live_buffers.discard(self)
+        if self._ring is not None:
+            self._ring.release()   # its export of the map first, or the map cannot close
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass               # a caller's view of it keeps it mapped; it goes with that
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        # Each number is forgotten before it is closed: closed at most once,
+        # whatever interrupts this (a leak is possible, a double close is not).
+        efd, self._efd = self._efd, -1
+        if efd >= 0:
+            os.close(efd)
+        memfd, self._memfd = self._memfd, -1
+        if memfd >= 0:
+            os.close(memfd)
 
     def _forked(self) -> None:
         # In a child after fork(): cut the ring loose without taking its locks
         # (a parent thread may have held them at the fork), so no call in the
-        # child can write the parent's ring by accident.
+        # child can write the parent's ring by accident; the close lock is new
+        # for the same reason.
+        self._close_lock = threading.RLock()
         if not self._closed:
             self._ring._release_after_fork()
             self._pid = -1
@@ -210,7 +229,7 @@ class CoalescedBuffer:
                 "CoalescedBuffer.attach(*fds) in the child instead")
 
     @property
-    def ring(self) -> _ring.Ring:
+    def ring(self) -> Ring:
         """The buffer's ring (consumer and producer side)."""
         self._check()
         return self._ring
@@ -354,7 +373,7 @@ class CoalescedBuffer:
                 os.close(fd)
             self._check()
 
-    async def batches(self, limit: int | None = None) -> AsyncIterator[list[_ring.Entry]]:
+    async def batches(self, limit: int | None = None) -> AsyncIterator[list[Entry]]:
         """Async iterator of non-empty drained batches (at most *limit* entries each).
 
         >>> async def consumer(buf):            # doctest: +SKIP
@@ -367,7 +386,7 @@ class CoalescedBuffer:
             if batch:
                 yield batch
 
-    def __aiter__(self) -> AsyncIterator[list[_ring.Entry]]:
+    def __aiter__(self) -> AsyncIterator[list[Entry]]:
         return self.batches()
 
     def close(self) -> None:
@@ -378,6 +397,11 @@ class CoalescedBuffer:
         a consume() handler of this buffer's ring.  Safe to call from
         several threads at once: one closes, the others return.
         """
+        # Before the lock: a close() on another thread may hold it while it
+        # waits for this very handler to return.
+        if not self._closed and self._ring._consuming_here():
+            raise RuntimeError("CoalescedBuffer.close() called from inside a consume() handler "
+                               "of its own ring: close it after the consumer call returns")
         with self._close_lock:
             if self._closed:
                 return
@@ -389,10 +413,6 @@ class CoalescedBuffer:
                     callback(self)
             finally:               # a callback that raised must not leak the fds
                 _live_buffers.discard(self)
-                try:
-                    self._map.close()
-                except BufferError:
-                    pass           # a caller's view of it keeps it mapped; it goes with that
                 # Wake every sleeper (they find the buffer closed).  A counter
                 # too full to write (a peer's doing) is readable already: skip
                 # it.  A forked child's copy has no sleepers: its write would
@@ -402,8 +422,7 @@ class CoalescedBuffer:
                         os.eventfd_write(self._efd, 1)
                     except BlockingIOError:
                         pass
-                os.close(self._efd)
-                os.close(self._memfd)
+                self._teardown()
 
     def __enter__(self) -> CoalescedBuffer:
         self._check()

@@ -73,6 +73,9 @@ class Producer(Protocol):
     @property
     def ring(self) -> Ring: ...
 
+    @property
+    def closed(self) -> bool: ...
+
 
 @dataclass(eq=False, slots=True)
 class Mapping:
@@ -118,6 +121,7 @@ _live_buses: weakref.WeakSet[Bus] = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     for bus in list(_live_buses):
         bus._deliver_lock = threading.RLock()
+        bus._maps_lock = threading.Lock()
         bus._flushing = threading.local()
 
 
@@ -137,7 +141,13 @@ class Bus:
     def __init__(self, producer: Producer | None = None, *, unmapped: str = "raise") -> None:
         if unmapped not in ("raise", "ones"):
             raise ValueError(f"unmapped must be 'raise' or 'ones', not {unmapped!r}")
+        if producer is not None and not all(
+                hasattr(type(producer), name) for name in ("register_coalesced_mmio",
+                                                     "unregister_coalesced_mmio", "ring")):
+            raise TypeError(f"producer must be an EmulatedVm or a kvmcoal.kvm.Vm (or None), "
+                            f"not {type(producer).__name__!r}")
         self.producer = producer
+        self._closed = False
         self.unmapped = unmapped
         self.unmapped_accesses = 0
         self.direct_writes = 0
@@ -167,11 +177,14 @@ class Bus:
         the mapping's own, drained by :meth:`start_pollers` or
         :meth:`poll_async` as writes arrive, for doorbell-style devices).
         """
+        if self._closed:
+            raise ValueError("operation on a closed Bus")
+        _check_flags(pio=pio, coalesced=coalesced, flush_on_access=flush_on_access,
+                     own_buffer=own_buffer)
         if not (callable(getattr(device, "read", None)) and callable(getattr(device, "write", None))):
             raise TypeError(f"{type(device).__name__} is not a device: it needs read(offset, size) "
                             f"and write(offset, size, value) (see kvmcoal.devices.adapters)")
-        mapping = Mapping(device, base, size, bool(pio), bool(coalesced),
-                          bool(flush_on_access), device_offset)
+        mapping = Mapping(device, base, size, pio, coalesced, flush_on_access, device_offset)
         zone = mapping.zone   # validates base and size
         if size == 0:
             raise ValueError("a mapping needs a size of at least 1")
@@ -208,11 +221,18 @@ class Bus:
         """Remove *mapping*, first delivering every write still pending for it."""
         if mapping not in self._maps[mapping.pio]:
             raise BusError(f"{mapping} is not mapped on this bus")
-        if mapping.buffer is not None and mapping.buffer.ring._consuming_here():
+        if (mapping.buffer is not None and not mapping.buffer.closed
+                and mapping.buffer.ring._consuming_here()):
             raise RuntimeError(f"unmap({mapping}) from a handler its own buffer's delivery is "
                                f"calling (its poller, or a flush draining it): unmap it after "
                                f"that delivery returns")
-        if mapping.coalesced:
+        if mapping.coalesced and self._producer_closed():
+            # Closing the producer unbound its zones and released its rings:
+            # there is nothing left to unregister or deliver.
+            if mapping.buffer is not None:
+                mapping.buffer.close()
+            self._remove_mapping(mapping)
+        elif mapping.coalesced:
             # Stop new writes coalescing first, then deliver what is queued,
             # and only then let go of the mapping and its buffer.
             producer = self._need_producer()
@@ -249,7 +269,8 @@ class Bus:
 
     def find(self, addr: int, size: int = 1, *, pio: bool = False) -> Mapping | None:
         """The mapping that holds ``[addr, addr + size)``, or None."""
-        for mapping in self._maps[bool(pio)]:
+        _check_flags(pio=pio)
+        for mapping in self._maps[pio]:
             if mapping.contains(addr, size):
                 return mapping
         return None
@@ -262,6 +283,8 @@ class Bus:
 
     def read(self, addr: int, size: int, *, pio: bool = False) -> int:
         """A load: flushes pending coalesced writes, then reads the device."""
+        _check_flags(pio=pio)
+        _check_access(size)
         self.flush()
         mapping = self.find(addr, size, pio=pio)
         if mapping is None:
@@ -269,7 +292,15 @@ class Bus:
         return mapping.device.read(addr - mapping.delta, size)
 
     def write(self, addr: int, size: int, value: int, *, pio: bool = False) -> None:
-        """A store: coalesced where the mapping is, else delivered now (in order)."""
+        """A store of the int *value* (little-endian, *size* bytes): coalesced where the
+        mapping is, else delivered now (in order)."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"Bus.write() takes the value written as an int, not "
+                            f"{type(value).__name__!r} (EmulatedVm.write and Ring.push take "
+                            f"bytes)")
+        _check_access(size)
+        if not 0 <= value < 1 << (8 * size):
+            raise ValueError(f"value={value:#x} does not fit a {size}-byte write")
         mapping = self.find(addr, size, pio=pio)
         if mapping is None:
             self._unmapped(addr, size, pio, "write")
@@ -315,7 +346,8 @@ class Bus:
         (a device touching the bus during replay) returns 0 at once; the
         outer flush delivers the rest in order.
         """
-        if self.producer is None or getattr(self._flushing, "active", False):
+        if (self.producer is None or getattr(self._flushing, "active", False)
+                or self._producer_closed()):   # its rings went with it
             return 0
         with self._deliver_lock:
             return self._flush_locked(self.producer.ring)
@@ -349,32 +381,15 @@ class Bus:
 
     def start_pollers(self) -> None:
         """Start a thread per own-buffer mapping that delivers its writes as they arrive."""
+        if self._closed:
+            raise ValueError("operation on a closed Bus")
         for mapping in self.mappings:
             if mapping.buffer is not None and mapping._poller is None:
-                mapping._poller = threading.Thread(target=self._poll, args=(mapping,),
+                # The thread holds the bus weakly: a Bus dropped without close()
+                # is still collected, and its pollers then end.
+                mapping._poller = threading.Thread(target=_poll, args=(weakref.ref(self), mapping),
                                                    name=f"kvmcoal-poller {mapping}", daemon=True)
                 mapping._poller.start()
-
-    def _poll(self, mapping: Mapping) -> None:
-        buf = mapping.buffer
-        assert buf is not None
-        while not self._stop.is_set() and not buf.closed:
-            try:
-                if buf.wait(0.1):
-                    with self._deliver_lock:
-                        if not buf.closed:
-                            buf.ring.consume(self.deliver)
-            except RingCorruptedError as exc:
-                # A peer broke the ring: every later pass would fail the same
-                # way, at full speed.  Say so once and stop this poller.
-                self.poller_errors.append((mapping, exc))
-                return
-            except Exception as exc:
-                if buf.closed:         # closed under us by unmap/close
-                    return
-                # A device model failed (a ValueError of its own included):
-                # keep the error, keep polling.
-                self.poller_errors.append((mapping, exc))
 
     async def poll_async(self, mapping: Mapping) -> None:
         """An asyncio task body delivering *mapping*'s own-buffer writes as they arrive."""
@@ -387,11 +402,15 @@ class Bus:
                 buf.ring.consume(self.deliver)
 
     def close(self) -> None:
-        """Flush, stop the pollers, unmap everything.
+        """Flush, stop the pollers, unmap everything.  Idempotent.
 
         If the flush raises (a device failed, a ring is corrupted), the
         pollers are still stopped and everything unmapped; then it raises.
+        A Bus dropped without close() is closed when it is collected.
         """
+        if self._closed:
+            return
+        self._closed = True
         errors: list[BaseException] = []
         try:
             self.flush()
@@ -409,10 +428,24 @@ class Bus:
     def __enter__(self) -> Bus:
         return self
 
+    def __del__(self) -> None:
+        # Like a file, a Bus nobody holds is closed: pending writes reach
+        # their devices, the pollers end and the own buffers' fds are freed.
+        if not getattr(self, "_closed", True):
+            self.close()
+
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     # -- helpers --
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    def _producer_closed(self) -> bool:
+        return bool(getattr(self.producer, "closed", False))
 
     def _need_producer(self) -> Producer:
         if self.producer is None:
@@ -427,3 +460,56 @@ class Bus:
             raise UnmappedAccessError(f"{what} of {size} bytes at {kind} {addr:#x}: "
                                       f"no device is mapped there")
         return (1 << (8 * size)) - 1
+
+
+def _check_flags(**flags: object) -> None:
+    """Flags are bools: ``pio="no"`` is a mistake, not a port mapping."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, not {value!r}")
+
+
+def _check_access(size: object) -> None:
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"size must be an int, not {type(size).__name__!r}")
+    if not 1 <= size <= 8:
+        raise ValueError(f"size={size}: an access is 1 to 8 bytes")
+
+
+def _poll(bus_ref: weakref.ref[Bus], mapping: Mapping) -> None:
+    """A poller thread's body: deliver *mapping*'s own-buffer writes as they arrive.
+
+    It holds the bus only while it delivers, so a Bus nobody else holds is
+    collected (and closed) while its pollers sleep; they then end.
+    """
+    buf = mapping.buffer
+    assert buf is not None
+    while not buf.closed:
+        bus = bus_ref()
+        if bus is None or bus._stop.is_set():
+            return
+        errors = bus.poller_errors
+        del bus
+        try:
+            if not buf.wait(0.1):
+                continue
+            bus = bus_ref()
+            if bus is None:
+                return
+            try:
+                with bus._deliver_lock:
+                    if not buf.closed:
+                        buf.ring.consume(bus.deliver)
+            finally:
+                del bus
+        except RingCorruptedError as exc:
+            # A peer broke the ring: every later pass would fail the same
+            # way, at full speed.  Say so once and stop this poller.
+            errors.append((mapping, exc))
+            return
+        except Exception as exc:
+            if buf.closed:         # closed under us by unmap/close
+                return
+            # A device model failed (a ValueError of its own included):
+            # keep the error, keep polling.
+            errors.append((mapping, exc))

@@ -18,6 +18,7 @@ without the GIL, under one lock per ring as the kernel does.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -30,6 +31,19 @@ __all__ = ["ZONE_LIMIT", "EmulatedVm"]
 
 ZONE_LIMIT = 1000
 """Zones of one kind (MMIO, PIO) a VM may have: the kernel's NR_IOBUS_DEVS."""
+
+
+# VMs alive in this process: a forked child gets a fresh zones lock and
+# forgets the parent's writers (see _after_fork_in_child).
+_live_vms: weakref.WeakSet[EmulatedVm] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for vm in list(_live_vms):
+        vm._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class EmulatedVm(_zone_bus._ZoneBus):
@@ -50,6 +64,13 @@ class EmulatedVm(_zone_bus._ZoneBus):
         self._zones_lock = threading.RLock()
         self._buffers: weakref.WeakSet[CoalescedBuffer] = weakref.WeakSet()
         self._closed = False
+        _live_vms.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        # A parent thread may have held the lock, or been inside write(), at
+        # the fork: neither exists here, and either would hang a zone change.
+        self._zones_lock = threading.RLock()
+        self._forget_writers()
 
     # -- the VM-wide ring (KVM_(UN)REGISTER_COALESCED_MMIO) --
 
@@ -74,15 +95,17 @@ class EmulatedVm(_zone_bus._ZoneBus):
 
     def create_coalesced_buffer(self, *, nbytes: int | None = None) -> CoalescedBuffer:
         """A new buffer with its own ring (and lock) to bind zones to; *nbytes*: one page."""
-        self._check()
-        buf = CoalescedBuffer(self.page_size if nbytes is None else nbytes)
-        buf._on_close.append(self._buffer_closed)
-        self._buffers.add(buf)
+        with self._zones_lock:      # a close() racing us must see (and close) it
+            self._check()
+            buf = CoalescedBuffer(self.page_size if nbytes is None else nbytes)
+            buf._on_close.append(self._buffer_closed)
+            self._buffers.add(buf)
         return buf
 
     def register_coalesced_mmio2(self, zone: Zone, buffer: CoalescedBuffer) -> None:
         """Coalesce writes in *zone* into *buffer*'s ring."""
-        self._add(zone, buffer)   # checks the buffer, under the zones' lock
+        self._check_buffer(buffer)   # None here is a mistake, not the VM-wide ring
+        self._add(zone, buffer)      # checks it again, under the zones' lock
 
     def unregister_coalesced_mmio2(self, zone: Zone, buffer: CoalescedBuffer) -> None:
         """Remove every zone bound to *buffer* of the same kind that contains *zone*."""
@@ -94,6 +117,11 @@ class EmulatedVm(_zone_bus._ZoneBus):
         """The registered zones and their buffers (None: the VM-wide ring)."""
         return list(self._zones)
 
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
     # -- bookkeeping --
 
     def _check(self) -> None:
@@ -103,7 +131,10 @@ class EmulatedVm(_zone_bus._ZoneBus):
     def _check_buffer(self, buffer: CoalescedBuffer) -> None:
         self._check()
         if not isinstance(buffer, CoalescedBuffer):
-            raise TypeError(f"buffer must be a CoalescedBuffer, not {type(buffer).__name__!r}")
+            also = (" (register_coalesced_mmio binds a zone to the VM-wide ring)"
+                    if buffer is None else "")
+            raise TypeError(f"buffer must be a CoalescedBuffer, not "
+                            f"{type(buffer).__name__!r}{also}")
         if buffer.closed:
             raise ValueError("the buffer is closed")
         if buffer not in self._buffers:
@@ -160,16 +191,22 @@ class EmulatedVm(_zone_bus._ZoneBus):
                 self._install(True)
 
     def close(self) -> None:
-        """Close every buffer this VM created and the VM-wide ring."""
-        if self._closed:
-            return
-        for buf in list(self._buffers):
-            buf.close()
-        self._zones.clear()
-        self._install(False)
-        self._install(True)
-        self._vm_ring.close()
-        self._closed = True
+        """Close every buffer this VM created and the VM-wide ring.  Idempotent.
+
+        Zone changes and buffer creation from other threads either finish
+        before it or fail with ValueError after it: nothing registered
+        meanwhile survives it.
+        """
+        with self._zones_lock:
+            if self._closed:
+                return
+            self._closed = True     # first: registration from here on is refused
+            for buf in list(self._buffers):
+                buf.close()         # its callback unbinds its zones (the lock is re-entrant)
+            self._zones = []
+            self._install(False)
+            self._install(True)
+            self._vm_ring.close()
 
     def __enter__(self) -> EmulatedVm:
         return self

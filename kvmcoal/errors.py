@@ -46,13 +46,14 @@ class RingCorruptedError(KvmcoalError):
 
 
 class BufferForkedError(KvmcoalError):
-    """A buffer was used in a child process that inherited it across fork().
+    """A buffer or a VM's ring was used in a child process that inherited it across fork().
 
-    The child's copy of the buffer (and of its Ring) is cut loose at the
-    fork, so nothing in the child writes the parent's ring by accident.  To
-    use the ring in the child on purpose, attach to it: ``CoalescedBuffer.attach(*fds)`` with the
-    file descriptors from :meth:`CoalescedBuffer.fds`, which the child
-    inherited.
+    The child's copy of a :class:`~kvmcoal.CoalescedBuffer` (and of its Ring),
+    and of a :class:`kvmcoal.kvm.Vm`'s ring, is cut loose at the fork, so
+    nothing in the child consumes or writes the parent's ring by accident.
+    To use a buffer's ring in the child on purpose, attach to it:
+    ``CoalescedBuffer.attach(*fds)`` with the file descriptors from
+    :meth:`~kvmcoal.CoalescedBuffer.fds`, which the child inherited.
     """
 
 

@@ -41,7 +41,9 @@ class Zone:
             raise TypeError("Zone is immutable: __init__ cannot be called again")
         object.__setattr__(self, "_addr", _check_int("addr", addr, _U64, "u64"))
         object.__setattr__(self, "_size", _check_int("size", size, _U32, "u32"))
-        object.__setattr__(self, "_pio", bool(pio))
+        if not isinstance(pio, bool):
+            raise TypeError(f"pio must be True or False, not {pio!r}")
+        object.__setattr__(self, "_pio", pio)
 
     @property
     def addr(self) -> int:

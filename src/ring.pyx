@@ -25,6 +25,7 @@ from posix.fcntl cimport fcntl, F_DUPFD_CLOEXEC
 from posix.unistd cimport close, sysconf, _SC_PAGESIZE
 
 import os
+import weakref
 from collections.abc import Callable as _Callable
 
 from kvmcoal.errors import RingCorruptedError
@@ -64,6 +65,19 @@ def ring_max(nbytes):
 
 
 RING_MAX = ring_max(PAGE_SIZE)
+
+# Rings alive in this process.  A forked child keeps using a plain ring (its
+# memory is the child's copy), but the locks and sleepers it copied belong to
+# the parent's threads; CoalescedBuffer cuts its own rings loose as well.
+_live_rings = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    for ring in list(_live_rings):
+        ring._forget_parent_threads()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 cdef int _get_buffer(object obj, Py_buffer *view, str what, bint writable=True) except -1:
@@ -106,7 +120,12 @@ cdef int _fill_entry(kc_entry *e, object phys_addr, object data, object pio) exc
     cdef Py_buffer view
     cdef Py_ssize_t n
     e.phys_addr = _as_u64(phys_addr, "phys_addr")
-    e.pio = 1 if pio else 0
+    if pio is True:
+        e.pio = 1
+    elif pio is False:
+        e.pio = 0
+    else:
+        raise TypeError(f"pio must be True or False, not {pio!r}")
     memset(e.data, 0, KC_MAX_DATA)
     if type(data) is bytes:
         n = len(<bytes>data)
@@ -121,8 +140,9 @@ cdef int _fill_entry(kc_entry *e, object phys_addr, object data, object pio) exc
             try:
                 probe = memoryview(data)
             except TypeError:
-                raise TypeError(f"data must be a bytes-like object, "
-                                f"not {type(data).__name__!r}") from None
+                raise TypeError(f"data must be a bytes-like object, not "
+                                f"{type(data).__name__!r} (the bytes written; Bus.write "
+                                f"takes an int)") from None
             with probe:
                 if not 0 < probe.nbytes <= <Py_ssize_t>KC_MAX_DATA:
                     raise ValueError(f"data must be 1 to {KC_MAX_DATA} bytes, "
@@ -313,6 +333,7 @@ cdef class Ring:
         self._nbytes = used
         self._legacy = legacy
         self._live = True
+        _live_rings.add(self)
         return 0
 
     def __dealloc__(self):
@@ -586,12 +607,16 @@ cdef class Ring:
             self._live = False
             kc_ring_set_notifier(&self._r, -1, NULL)
             PyBuffer_Release(&self._view)
-        # The copied mutexes may be locked by a thread that does not exist here.
+        self._forget_parent_threads()
+        self._close_sleep_fd()
+
+    def _forget_parent_threads(self):
+        """In a forked child: the copied mutexes may be held, and the ring slept on,
+        by threads of the parent's that do not exist here."""
         pthread_mutex_init(&self._plock, NULL)
         pthread_mutex_init(&self._lock, NULL)
         self._owner = 0
-        self._sleepers = 0      # the sleepers were the parent's threads
-        self._close_sleep_fd()
+        self._sleepers = 0
 
     def __enter__(self):
         self._check_live()

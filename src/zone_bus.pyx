@@ -18,6 +18,7 @@ from kvmcoal._ring cimport (Ring, kc_entry, KC_PUSH_OK, _as_u64, _check_signal,
 cdef extern from "grace.h" nogil:
     ctypedef struct kc_grace:
         int epoch
+        int writers[2]
     int kc_grace_enter(kc_grace *g)
     void kc_grace_exit(kc_grace *g, int idx)
     int kc_grace_flip(kc_grace *g)
@@ -82,6 +83,18 @@ cdef class _ZoneBus:
     def __cinit__(self, *args, **kwargs):
         self._mmio = _EMPTY_TABLE
         self._pio = _EMPTY_TABLE
+
+    def _forget_writers(self):
+        """In a forked child: no writer counted in the grace period exists here.
+
+        The counts were copied from the parent, whose other threads may have
+        been inside write(); they never finish in the child, and a zone change
+        would wait for them for ever.  The thread that forked is never inside
+        write() itself (fork is called from Python code, and write() runs none
+        between counting itself in and out).
+        """
+        self._grace.writers[0] = 0
+        self._grace.writers[1] = 0
 
     def _set_zones(self, bint pio, list entries):
         """Install *entries*, ``(addr, size, ring)`` in the order writes try them.

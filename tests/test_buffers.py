@@ -117,11 +117,11 @@ def test_asyncio(buf):
 
 
 def test_any_ring_size():
-    for size in (32, 56, 1000, 65536, 3 * 4096 + 8):
+    for size in (56, 1000, 65536, 3 * 4096 + 8):
         with CoalescedBuffer(size) as b:
             assert b.nbytes == size and b.ring.max == ring_max(size)
-    with pytest.raises(ValueError, match="32-byte minimum"):
-        CoalescedBuffer(31)
+    with pytest.raises(ValueError, match="56-byte minimum"):
+        CoalescedBuffer(32)          # one slot: could hold no entry
 
 
 def test_memory_is_sealed(buf):
@@ -672,3 +672,84 @@ def test_close_with_a_view_of_the_memory_alive_still_closes_the_fds():
         with pytest.raises(OSError):
             os.fstat(fd)
     view.release()
+
+
+def test_close_from_a_handler_is_refused_even_while_another_thread_closes():
+    """The handler's close() used to block on the close lock that the other
+    thread's close() held while it waited for this very handler: a deadlock."""
+    buf = CoalescedBuffer()
+    assert buf.ring.push(1, b"x")
+    other_closing = threading.Event()
+    outcome: list[object] = []
+
+    def handler(addr, data, pio):
+        closer = threading.Thread(target=lambda: (other_closing.set(), buf.close()))
+        closer.start()
+        assert other_closing.wait(5)
+        time.sleep(0.05)                 # the closer now holds the lock and waits for us
+        try:
+            buf.close()
+        except RuntimeError as exc:
+            outcome.append(exc)
+        outcome.append(closer)
+
+    consumer = threading.Thread(target=buf.ring.consume, args=(handler,))
+    consumer.start()
+    consumer.join(10)
+    assert not consumer.is_alive(), "close() from the handler deadlocked"
+    error, closer = outcome
+    assert isinstance(error, RuntimeError) and "consume() handler" in str(error)
+    closer.join(10)
+    assert buf.closed
+
+
+def _fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+@pytest.mark.parametrize("make", ["new", "attach"])
+def test_an_exception_anywhere_in_set_up_closes_each_fd_once(make):
+    """An exception may land on any line of the set-up (Ctrl-C, a signal handler
+    raising).  Injected on each line in turn, with a trace function: nothing
+    leaks, and the half-built object never closes an fd number a second time,
+    by then someone else's (the pipe below)."""
+    import gc
+
+    source = CoalescedBuffer()
+    memfd, efd = source.fds()
+    code = CoalescedBuffer._open.__code__
+    lines = sorted({line for _, _, line in code.co_lines() if line is not None})
+    lines += ["__init__"] if make == "new" else []
+    assert len(lines) > 10
+
+    class Injected(Exception):
+        pass
+
+    def build():
+        return CoalescedBuffer() if make == "new" else CoalescedBuffer.attach(memfd, efd)
+
+    gc.collect()
+    baseline = _fds()
+    for target in lines:
+        def tracer(frame, event, arg, target=target):
+            if frame.f_code is code and event == "line" and frame.f_lineno == target:
+                raise Injected(target)
+            if target == "__init__" and event == "return" and frame.f_code is code:
+                raise Injected(target)   # _open done: the last step of the constructor
+            return tracer
+
+        sys.settrace(tracer)
+        try:
+            build().close()              # a line this path never reaches
+        except Injected:
+            pass
+        finally:
+            sys.settrace(None)
+        r, w = os.pipe()                 # the numbers a double close would hit
+        gc.collect()                     # the half-built buffer's __del__, if any
+        os.write(w, b"ok")
+        assert os.read(r, 2) == b"ok"
+        os.close(r)
+        os.close(w)
+        assert _fds() == baseline, f"fds leaked with the exception at {target}"
+    source.close()

@@ -490,3 +490,40 @@ def test_a_framebuffer_with_a_negative_device_offset_stays_in_place():
     assert len(fb.memory) == 16 and fb.memory[:2] == b"\x22\x11"
     assert fb.read(-2, 4) == 0x11220000
 
+
+
+def test_a_bus_dropped_with_pollers_running_is_collected_and_frees_its_threads_and_fds():
+    import gc
+    import weakref
+
+    vm = EmulatedVm()
+    fds_before = len(os.listdir("/proc/self/fd"))
+    threads_before = threading.active_count()
+    bus = Bus(vm)
+    bells = [Doorbell() for _ in range(5)]
+    for i, bell in enumerate(bells):
+        bus.map(bell, 0x1000 + 16 * i, 4, coalesced=True, own_buffer=True)
+    bus.start_pollers()
+    bus.write(0x1000, 4, 7)
+    assert threading.active_count() == threads_before + 5
+    gone = weakref.ref(bus)
+    del bus
+    gc.collect()
+    assert gone() is None, "the pollers kept the Bus alive"
+    deadline = time.monotonic() + 5
+    while threading.active_count() > threads_before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == threads_before
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert bells[0].requests == [7]     # closing it delivered what was pending
+    vm.close()
+
+
+def test_a_bus_whose_vm_was_closed_first_closes_cleanly():
+    vm = EmulatedVm()
+    bus = Bus(vm)
+    bus.map(Doorbell(), 0x1000, 4, coalesced=True, own_buffer=True)
+    bus.map(Doorbell(), 0x2000, 4, coalesced=True)
+    vm.close()
+    bus.close()
+    assert bus.mappings == [] and bus.closed

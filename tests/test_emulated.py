@@ -259,3 +259,44 @@ def test_unregister_returns_only_after_writes_using_the_old_zones_finish():
     holding.join()
     writer.join()
     vm.close()
+
+
+def test_nothing_registered_while_close_runs_survives_it():
+    """close() used to run without the zones lock and mark the VM closed only at
+    the end: a buffer and zone registered meanwhile survived it, still coalescing
+    into a buffer nobody would close."""
+    for _ in range(30):
+        vm = EmulatedVm()
+        made: list = []
+        stop = threading.Event()
+
+        def register():
+            i = 0
+            while not stop.is_set():
+                try:
+                    buf = vm.create_coalesced_buffer()
+                    made.append(buf)
+                    vm.register_coalesced_mmio2(Zone(0x10000 + 16 * (i % 900), 4), buf)
+                    vm.register_coalesced_mmio(Zone(0x80000 + 16 * (i % 90), 4))
+                except ValueError:
+                    return                  # closed: refused, as it must be from now on
+                i += 1
+
+        thread = threading.Thread(target=register)
+        thread.start()
+        time.sleep(0.003)
+        vm.close()
+        stop.set()
+        thread.join()
+        assert vm.zones == []
+        assert all(buf.closed for buf in made), "a buffer made during close() was left open"
+        assert not any(vm.write(0x10000 + 16 * i, b"\1") for i in range(900))
+        assert not any(vm.write(0x80000 + 16 * i, b"\1") for i in range(90))
+        for buf in made:
+            buf.close()
+
+
+def test_binding_a_zone_to_no_buffer_is_a_type_error(vm):
+    with pytest.raises(TypeError, match="register_coalesced_mmio binds a zone to the VM-wide"):
+        vm.register_coalesced_mmio2(Zone(0x1000, 4), None)
+    assert vm.zones == [] and not vm.write(0x1000, b"\1")

@@ -22,10 +22,10 @@ from .conftest import set_indices
 def test_constants_agree(impl):
     assert impl.ENTRY_SIZE == 24
     assert impl.RING_HEADER_SIZE == 8
-    assert impl.MIN_RING_NBYTES == 32
+    assert impl.MIN_RING_NBYTES == 56
     assert impl.PAGE_SIZE == mmap.PAGESIZE
     assert impl.RING_MAX == (mmap.PAGESIZE - 8) // 24
-    assert [impl.ring_max(n) for n in (32, 55, 56, 4096, 16384, 65536)] == [1, 1, 2, 170, 682, 2730]
+    assert [impl.ring_max(n) for n in (56, 79, 80, 4096, 16384, 65536)] == [2, 2, 3, 170, 682, 2730]
 
 
 def test_ring_max_rejects(impl):
@@ -99,7 +99,7 @@ def test_ring_holds_the_buffer_without_copying(impl):
     (b"\0" * 4096, TypeError, "read-only"),
     (12, TypeError, "int"),
     ("text", TypeError, "str"),
-    (bytearray(31), ValueError, "32-byte minimum"),
+    (bytearray(55), ValueError, "56-byte minimum"),
     (np.zeros((64, 64), dtype=np.uint8)[:, ::2], ValueError, "C-contiguous"),
 ])
 def test_bad_buffers(impl, buffer, exc, match):

@@ -27,7 +27,8 @@ typedef struct kvm_coalesced_mmio kc_entry;
 
 #define KC_ENTRY_SIZE       (sizeof(struct kvm_coalesced_mmio))
 #define KC_HEADER_SIZE      (offsetof(struct kvm_coalesced_mmio_ring, coalesced_mmio))
-#define KC_MIN_RING_BYTES   (KC_HEADER_SIZE + KC_ENTRY_SIZE)
+/* Two slots: one always stays empty, so a smaller ring could hold no entry. */
+#define KC_MIN_RING_BYTES   (KC_HEADER_SIZE + 2 * KC_ENTRY_SIZE)
 #define KC_MAX_DATA         (sizeof(((kc_entry *)0)->data))
 /* Index arithmetic is 32-bit, like the kernel's. */
 #define KC_MAX_SLOTS        UINT32_MAX

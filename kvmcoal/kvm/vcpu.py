@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import operator
 import os
@@ -128,8 +129,17 @@ class Vcpu(OwnsFd, ModeSetup):
         The caller holds ``_run_lock``.
         """
         # fileno() each time round: a signal handler may have closed the vCPU.
-        while not self._run.enter(self.fileno()):
-            pass
+        try:
+            while not self._run.enter(self.fileno()):
+                pass
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            # What KVM says when the guest runs where no memory slot is.
+            raise OSError(errno.ENOSPC, f"KVM_RUN: the guest at rip={self.get_regs()['rip']:#x} "
+                                        f"is outside guest memory (this VM has "
+                                        f"{len(self.vm._memory)} memory slots): back it with "
+                                        f"Vm.add_memory() first") from None
         return self._decode_exit()
 
     def run_loop(self, write: WriteHandler, read: ReadHandler, *,

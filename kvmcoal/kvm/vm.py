@@ -6,10 +6,11 @@ import errno
 import mmap
 import os
 import threading
+import weakref
 from typing import TYPE_CHECKING
 
 from .._ring import Ring
-from ..errors import KvmcoalError, KvmUnavailableError
+from ..errors import BufferForkedError, KvmcoalError, KvmUnavailableError
 from ..zones import Zone
 from . import _abi
 from .fd import OwnsFd
@@ -22,6 +23,17 @@ __all__ = ["Vm"]
 
 # Where real mode on Intel keeps its TSS; any unused guest-physical page range.
 _TSS_ADDR = 0xFFFBD000
+
+# VMs alive in this process: a forked child must not consume the parent's ring.
+_live_vms: weakref.WeakSet[Vm] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for vm in list(_live_vms):
+        vm._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Vm(OwnsFd):
@@ -58,6 +70,25 @@ class Vm(OwnsFd):
         # The ring's creation, vCPU creation and closing, memory, close().  Re-entrant:
         # a signal handler may close the VM in the middle of any of them.
         self._lock = threading.RLock()
+        self._pid = os.getpid()
+        _live_vms.add(self)
+
+    def _forked(self) -> None:
+        # The ring page is shared memory: a drain in the child would take the
+        # parent's guest writes.  Cut it loose without its locks (a parent
+        # thread may hold them), and give the child fresh locks of its own.
+        self._pid = -1
+        self._lock = threading.RLock()
+        for vcpu in self._vcpus:
+            vcpu._run_lock = threading.RLock()
+            vcpu._in_loop = False
+        if self._ring is not None:
+            self._ring._release_after_fork()
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._fd < 0
 
     def fileno(self) -> int:
         if self._fd < 0:
@@ -101,7 +132,15 @@ class Vm(OwnsFd):
                          f"{guest_phys_addr + size:#x})")
 
     def register_coalesced_mmio(self, zone: Zone) -> None:
-        """KVM_REGISTER_COALESCED_MMIO: the kernel coalesces guest writes in *zone*."""
+        """KVM_REGISTER_COALESCED_MMIO: the kernel coalesces guest writes in *zone*.
+
+        Zones of 2 GiB or more are refused: the kernel registers them, but
+        compares lengths as an int when unregistering, so it could never
+        remove them again.
+        """
+        if isinstance(zone, Zone) and zone.size >= 1 << 31:
+            raise ValueError(f"{zone}: a zone of 2 GiB or more could never be unregistered "
+                             f"(the kernel compares its length as an int); split it")
         self._zone_ioctl(True, zone)
 
     def unregister_coalesced_mmio(self, zone: Zone) -> None:
@@ -141,10 +180,15 @@ class Vm(OwnsFd):
     def ring(self) -> Ring:
         """The VM-wide coalesced ring, mapped through a vCPU's fd (one per VM)."""
         ring = self._ring
-        if ring is not None:
+        if ring is not None and self._pid != -1:
             return ring
         with self._lock:    # two vCPU threads asking at once must get the same Ring
             self.fileno()
+            if self._pid == -1:
+                raise BufferForkedError(
+                    "this Vm was inherited across fork(): its ring is the parent's (a drain "
+                    "here would take the parent guest's writes); use the VM in the process "
+                    "that created it")
             if self._ring is None:
                 if not self._ring_page:
                     raise KvmUnavailableError("this kernel has no coalesced MMIO ring")

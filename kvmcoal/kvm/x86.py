@@ -55,7 +55,16 @@ class ModeSetup:
         selector * 16); *regs* sets general-purpose registers.
         """
         selectors = {"cs": 0, "ds": 0, "es": 0, "fs": 0, "gs": 0, "ss": 0}
-        selectors.update(segments or {})
+        for name, selector in (segments or {}).items():
+            if name not in selectors:
+                raise ValueError(f"segments: unknown segment {name!r}; "
+                                 f"known: {', '.join(selectors)}")
+            if isinstance(selector, bool) or not isinstance(selector, int):
+                raise TypeError(f"segments[{name!r}] must be an int selector, "
+                                f"not {type(selector).__name__!r}")
+            if not 0 <= selector <= 0xFFFF:
+                raise ValueError(f"segments[{name!r}]={selector:#x} is not a 16-bit selector")
+            selectors[name] = selector
         self._mode_registers({name: dict(_REAL_MODE_SEGMENT, selector=sel, base=sel * 16,
                                          type=0xB if name == "cs" else 0x3)
                               for name, sel in selectors.items()})

@@ -43,7 +43,7 @@ def _bad_input_too(call):
 
 def one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    nbytes = fdp.ConsumeIntInRange(32, 2048) & ~3
+    nbytes = fdp.ConsumeIntInRange(56, 2048) & ~3
     image = fdp.ConsumeBytes(nbytes).ljust(nbytes, b"\0")
     legacy = fdp.ConsumeBool()
     bufs = [bytearray(image), bytearray(image)]

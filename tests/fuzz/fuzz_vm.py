@@ -31,7 +31,7 @@ def one_input(data: bytes) -> None:
     accepted: Counter = Counter()
     drained: Counter = Counter()
     tainted = False   # after a peer scribbled, garbage may drain as valid-looking entries
-    with EmulatedVm(page_size=fdp.PickValueInList([32, 56, 4096])) as vm:
+    with EmulatedVm(page_size=fdp.PickValueInList([56, 80, 4096])) as vm:
         buffers = []
         for _ in range(fdp.ConsumeIntInRange(0, 48)):
             op = fdp.ConsumeIntInRange(0, 9)
@@ -43,7 +43,7 @@ def one_input(data: bytes) -> None:
                 elif op == 1:
                     vm.unregister_coalesced_mmio(Zone(addr, fdp.ConsumeIntInRange(0, 0x40), pio=pio))
                 elif op == 2:
-                    buffers.append(vm.create_coalesced_buffer(nbytes=fdp.ConsumeIntInRange(32, 600)))
+                    buffers.append(vm.create_coalesced_buffer(nbytes=fdp.ConsumeIntInRange(56, 600)))
                 elif op == 3 and buffers:
                     buf = fdp.PickValueInList(buffers)
                     zone = Zone(addr, fdp.ConsumeIntInRange(0, 0x40), pio=pio)
