@@ -34,8 +34,8 @@ except ImportError as _exc:
 
 from .buffers import CoalescedBuffer  # noqa: E402
 from .bus import Bus  # noqa: E402
-from .emulated import ZONE_LIMIT, EmulatedVm  # noqa: E402
-from .zones import Zone  # noqa: E402
+from .emulated import EmulatedVm  # noqa: E402
+from .zones import ZONE_LIMIT, Zone  # noqa: E402
 
 __version__ = "0.1.0"
 

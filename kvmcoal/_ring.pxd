@@ -23,7 +23,7 @@ cdef extern from "ring_impl.h" nogil:
 
     size_t KC_ENTRY_SIZE
     size_t KC_HEADER_SIZE
-    size_t KC_MIN_RING_BYTES
+    size_t KC_MIN_RING_NBYTES
     size_t KC_MAX_DATA
     uint32_t KC_MAX_SLOTS
 

@@ -24,7 +24,7 @@ def ring_max(nbytes: int) -> int:
 
     ``(nbytes - 8) // 24``, like the kernel's ``KVM_COALESCED_MMIO_MAX`` for
     a page of *nbytes*.  A ring holds at most ``ring_max(nbytes) - 1``
-    entries.  Raises ValueError if *nbytes* is below :data:`MIN_RING_SIZE`
+    entries.  Raises ValueError if *nbytes* is below :data:`MIN_RING_NBYTES`
     or gives more than 2**32 - 1 slots, TypeError if it is not an int.
 
     >>> ring_max(4096), ring_max(16384), ring_max(65536)

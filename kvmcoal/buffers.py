@@ -241,6 +241,7 @@ class CoalescedBuffer:
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close` (or in a child that inherited it, once closed there)."""
         return self._closed
 
     def fileno(self) -> int:

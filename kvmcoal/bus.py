@@ -58,9 +58,11 @@ __all__ = ["Bus", "Device", "Mapping"]
 class Device(Protocol):
     """A device model: little-endian accesses at offsets into its mapping."""
 
-    def read(self, offset: int, size: int) -> int: ...
+    def read(self, offset: int, size: int) -> int:
+        """The value of a *size*-byte load at *offset* into the mapping."""
 
-    def write(self, offset: int, size: int, value: int) -> None: ...
+    def write(self, offset: int, size: int, value: int) -> None:
+        """A *size*-byte store of *value* (an int, little-endian) at *offset*."""
 
 
 class Producer(Protocol):
@@ -79,7 +81,18 @@ class Producer(Protocol):
 
 @dataclass(eq=False, slots=True)
 class Mapping:
-    """One device mapped on the bus."""
+    """One device mapped on the bus, as :meth:`Bus.map` made it.
+
+    Attributes:
+        device: the device model.
+        base, size: the range ``[base, base + size)``, MMIO or (``pio``) ports.
+        coalesced: writes go through a ring; ``flush_on_access``: every access
+            delivers the pending writes first.
+        device_offset: the offset the device sees at ``base``.
+        buffer: the mapping's own CoalescedBuffer (``own_buffer=True``), or None.
+        end, delta: derived, for dispatch: ``base + size``, and what an address
+            minus gives the device's offset.
+    """
 
     device: Device
     base: int
@@ -277,6 +290,7 @@ class Bus:
 
     @property
     def mappings(self) -> list[Mapping]:
+        """Every mapping, MMIO first, then port I/O."""
         return self._maps[False] + self._maps[True]
 
     # -- accesses from the CPU side --

@@ -125,29 +125,30 @@ def _progress(message: str, quiet: bool) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    reason = None if args.backend == "emulated" else kvm.why_unavailable()
-    if args.backend == "kvm" and reason is not None:
+    reason = None if args.producer == "emulated" else kvm.why_unavailable()
+    if args.producer == "kvm" and reason is not None:
         raise kvm.KvmUnavailableError(reason)
-    backend = "emulated" if args.backend == "emulated" or reason is not None else "kvm"
+    producer = "emulated" if args.producer == "emulated" or reason is not None else "kvm"
     if reason is not None:
         print(f"/dev/kvm is not usable ({reason}); running the same devices through "
               f"EmulatedVm instead")
-    run = run_guest if backend == "kvm" else run_emulated
+    run = run_guest if producer == "kvm" else run_emulated
     writes = guest_writes(args.iterations)
     runs = []
     for coalesced in (True, False):
-        _progress(f"running the {'guest' if backend == 'kvm' else 'software CPU'}: {writes} "
+        _progress(f"running the {'guest' if producer == 'kvm' else 'software CPU'}: {writes} "
                   f"writes, coalescing {'on' if coalesced else 'off'} ...", args.json)
         runs.append(run(args.iterations, coalesced))
-    report: dict[str, Any] = {"backend": backend, "iterations": args.iterations, "runs": runs,
+    # producer: what made the writes (real KVM or EmulatedVm); kvm_backend:
+    # which KVM module serves this host's /dev/kvm, whichever ran.
+    report: dict[str, Any] = {"producer": producer, "kvm_backend": kvm.backend()["backend"],
+                              "iterations": args.iterations, "runs": runs,
                               "speedup": runs[1]["seconds"] / runs[0]["seconds"]}
-    if backend == "kvm":
-        report["kvm_backend"] = kvm.backend()["backend"]
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     uart = runs[0]["uart"]
-    where = f"real KVM ({report['kvm_backend']})" if backend == "kvm" else "EmulatedVm"
+    where = f"real KVM ({report['kvm_backend']})" if producer == "kvm" else "EmulatedVm"
     print(f"kvmcoal demo on {where}: "
           f"{writes} writes to a UART (port {UART:#x}) and a framebuffer "
           f"(MMIO {FRAMEBUFFER:#x}); ring of {RING_MAX} slots")
@@ -166,7 +167,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"{result['seconds']:>10.3f}")
     print(f"speed-up from coalescing: {report['speedup']:.1f}x (UART output and framebuffer "
           f"checked against what the guest wrote)")
-    if backend == "emulated":
+    if producer == "emulated":
         print("(a software CPU has no VM exit for coalescing to save: on EmulatedVm the "
               "ring is pure overhead; run on /dev/kvm to see the real gain)")
     return 0
@@ -217,21 +218,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       args.quiet, blocks=args.blocks)
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmcoal", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="boot a guest on /dev/kvm and compare coalescing on/off",
                           description=__doc__.split("\n\n")[1])
-    demo.add_argument("--iterations", type=int, default=150000,
+    demo.add_argument("--iterations", type=_at_least_one, default=150000,
                       help="stream iterations: a framebuffer and a UART write each, plus a "
                            "newline every 64 (default: 150000)")
-    demo.add_argument("--backend", choices=("auto", "kvm", "emulated"), default="auto",
-                      help="auto: real KVM where /dev/kvm works, else EmulatedVm (default)")
+    demo.add_argument("--producer", choices=("auto", "kvm", "emulated"), default="auto",
+                      help="what makes the writes: kvm (a guest on /dev/kvm), emulated (a "
+                           "software CPU on EmulatedVm), or auto: kvm where /dev/kvm works, "
+                           "else emulated (default)")
     demo.add_argument("--json", action="store_true", help="print the results as JSON")
     demo.set_defaults(func=cmd_demo)
     probe_cmd = sub.add_parser("probe", help="show what this host offers (KVM, ring size)",
                                description="Show the KVM API version, coalesced MMIO/PIO "
-                                           "support, page size and ring size of this host.")
+                                           "support, page size and ring size of this host, "
+                                           "and which KVM backend (kvm_intel, kvm_amd, "
+                                           "kvm_pvm) serves /dev/kvm.")
     probe_cmd.add_argument("--json", action="store_true", help="print as JSON")
     probe_cmd.set_defaults(func=cmd_probe)
     bench_description = (bench.__doc__ or "").partition("\n\n")[2]
@@ -266,8 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "iterations", 1) < 1:
-        build_parser().error("--iterations must be at least 1")
     try:
         return args.func(args)
     except (kvm.KvmUnavailableError, RuntimeError, OSError, ValueError) as exc:

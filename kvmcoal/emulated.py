@@ -25,12 +25,9 @@ import weakref
 from . import _ring, _zone_bus
 from .buffers import CoalescedBuffer
 from .errors import ZoneLimitError
-from .zones import Zone
+from .zones import ZONE_LIMIT, Zone
 
-__all__ = ["ZONE_LIMIT", "EmulatedVm"]
-
-ZONE_LIMIT = 1000
-"""Zones of one kind (MMIO, PIO) a VM may have: the kernel's NR_IOBUS_DEVS."""
+__all__ = ["EmulatedVm"]
 
 
 # VMs alive in this process: a forked child gets a fresh zones lock and

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .kvm.exits import Exit
 
-__all__ = ["BufferForkedError", "BusError", "GuestError", "KvmUnavailableError", "KvmcoalError",
-           "MappingOverlapError", "RingCorruptedError", "UnmappedAccessError", "ZoneLimitError"]
+__all__ = ["BufferForkedError", "BusError", "CBuildUnavailable", "GuestError", "InvalidSample",
+           "KvmUnavailableError", "KvmcoalError", "MappingOverlapError", "PeerMissing",
+           "RingCorruptedError", "UnmappedAccessError", "Unmeasured", "ZoneLimitError"]
 
 
 class KvmcoalError(Exception):
@@ -97,3 +98,36 @@ class GuestError(KvmcoalError):
     def __init__(self, exit: Exit) -> None:
         super().__init__(f"the guest stopped: {exit}")
         self.exit = exit
+
+
+# -- kvmcoal bench: how a benchmark says that a figure cannot be had here --
+
+
+class CBuildUnavailable(KvmcoalError, RuntimeError):
+    """A C baseline cannot be built here; the message says why."""
+
+
+class InvalidSample(KvmcoalError):
+    """A sample failed its benchmark's own timing check (a busy machine): measure it again.
+
+    Only for checks about timing.  A data check that fails (an entry lost,
+    reordered or wrong) raises AssertionError instead: that is a bug, and
+    no retry may hide it.
+    """
+
+
+class Unmeasured(KvmcoalError):
+    """A figure whose samples kept failing their timing check; the message is the reason."""
+
+
+class PeerMissing(KvmcoalError):
+    """A peer's package does not import, so its figures are reported as missing.
+
+    ``package`` is the name it is installed by (the ``bench`` extra lists
+    it); the message, the ``reason`` of a "missing" entry or of a pytest
+    skip, names it and carries the ImportError's text.
+    """
+
+    def __init__(self, package: str, error: ImportError) -> None:
+        super().__init__(f"{package} does not import: {error}")
+        self.package = package

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Zone"]
+__all__ = ["ZONE_LIMIT", "Zone"]
+
+ZONE_LIMIT = 1000
+"""Zones of one kind (MMIO, PIO) a VM may have: the kernel's NR_IOBUS_DEVS."""
 
 _U64 = 1 << 64
 _U32 = 1 << 32

@@ -32,7 +32,7 @@ from kvmcoal.errors import RingCorruptedError
 
 ENTRY_SIZE = KC_ENTRY_SIZE
 RING_HEADER_SIZE = KC_HEADER_SIZE
-MIN_RING_NBYTES = KC_MIN_RING_BYTES
+MIN_RING_NBYTES = KC_MIN_RING_NBYTES
 PAGE_SIZE = sysconf(_SC_PAGESIZE)
 
 
@@ -54,9 +54,9 @@ Handler = _Callable[[int, bytes, bool], object]
 def ring_max(nbytes):
     """Number of slots of a ring occupying *nbytes* bytes (see _ring.pyi)."""
     nbytes = _index(nbytes, "nbytes")
-    if nbytes < <Py_ssize_t>KC_MIN_RING_BYTES:
+    if nbytes < <Py_ssize_t>KC_MIN_RING_NBYTES:
         raise ValueError(f"nbytes={nbytes} is smaller than the "
-                         f"{KC_MIN_RING_BYTES}-byte minimum ring")
+                         f"{KC_MIN_RING_NBYTES}-byte minimum ring")
     slots = (nbytes - KC_HEADER_SIZE) // KC_ENTRY_SIZE
     if slots > KC_MAX_SLOTS:
         raise ValueError(f"nbytes={nbytes} gives {slots} slots, more than the "
@@ -314,13 +314,13 @@ cdef class Ring:
             if nbytes is not None:
                 if nbytes > used:
                     raise ValueError(f"nbytes={nbytes} exceeds the buffer's {used} bytes")
-                if nbytes < <Py_ssize_t>KC_MIN_RING_BYTES:
+                if nbytes < <Py_ssize_t>KC_MIN_RING_NBYTES:
                     raise ValueError(f"nbytes={nbytes} is smaller than the "
-                                     f"{KC_MIN_RING_BYTES}-byte minimum ring")
+                                     f"{KC_MIN_RING_NBYTES}-byte minimum ring")
                 used = nbytes
-            elif used < <Py_ssize_t>KC_MIN_RING_BYTES:
+            elif used < <Py_ssize_t>KC_MIN_RING_NBYTES:
                 raise ValueError(f"buffer of {used} bytes is smaller than the "
-                                 f"{KC_MIN_RING_BYTES}-byte minimum ring")
+                                 f"{KC_MIN_RING_NBYTES}-byte minimum ring")
             rc = kc_ring_init(&self._r, self._view.buf, used)
             if rc == KC_E_TOO_LARGE:
                 ring_max(used)  # raises the ValueError that explains it

@@ -11,23 +11,23 @@ import pytest
 from kvmcoal import cli, kvm
 
 
-@pytest.mark.parametrize("backend", ["kvm", "emulated"])
-def test_demo_runs_as_a_command(backend):
-    if backend == "kvm" and not kvm.available():
+@pytest.mark.parametrize("producer", ["kvm", "emulated"])
+def test_demo_runs_as_a_command(producer):
+    if producer == "kvm" and not kvm.available():
         pytest.skip(f"/dev/kvm is not usable here: {kvm.why_unavailable()}")
-    run = subprocess.run([sys.executable, "-m", "kvmcoal", "demo", "--backend", backend,
+    run = subprocess.run([sys.executable, "-m", "kvmcoal", "demo", "--producer", producer,
                           "--iterations", "3000"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "kvmcoal demo guest: hello through a coalesced UART" in run.stdout
     assert "speed-up from coalescing" in run.stdout
     assert "coalescing on" in run.stderr    # the progress lines
     report = json.loads(subprocess.run(
-        [sys.executable, "-m", "kvmcoal", "demo", "--backend", backend, "--iterations", "3000",
+        [sys.executable, "-m", "kvmcoal", "demo", "--producer", producer, "--iterations", "3000",
          "--json"], capture_output=True, text=True, check=True, timeout=120).stdout)
     on, off = report["runs"]
-    assert report["backend"] == backend
-    if backend == "kvm":
-        assert report["kvm_backend"] == kvm.backend()["backend"]
+    assert report["producer"] == producer
+    assert report["kvm_backend"] == kvm.backend()["backend"]   # the host's, whichever ran
+    if producer == "kvm":
         assert f"on real KVM ({report['kvm_backend']})" in run.stdout
     assert on["writes"] == off["writes"] == cli.guest_writes(3000)
     assert on["uart"] == cli.expected_uart(3000).decode()
@@ -66,3 +66,4 @@ def test_command_line_entry_point():
     bad = subprocess.run([sys.executable, "-m", "kvmcoal", "demo", "--iterations", "0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "at least 1" in bad.stderr
+    assert "usage: kvmcoal demo" in bad.stderr     # the demo's usage, not the top level

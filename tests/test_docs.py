@@ -225,3 +225,28 @@ def test_no_doc_calls_this_host_nested_amd():
     wrong = [doc.relative_to(ROOT).as_posix() for doc in DOCS
              if re.search(r"nested\s+amd", doc.read_text(), flags=re.I)]
     assert not wrong
+
+
+STUBS = sorted((ROOT / "kvmcoal").rglob("*.pyi"))
+
+
+@pytest.mark.parametrize("stub", STUBS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_examples_in_the_type_stubs_run(stub):
+    """The compiled modules' docs live in their .pyi stubs, which pytest's doctest
+    collector does not read: run their examples against the real module."""
+    import ast
+    import doctest
+
+    module = importlib.import_module(
+        ".".join(stub.relative_to(ROOT).with_suffix("").parts))
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    tree = ast.parse(stub.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and ">>>" in doc:
+                name = getattr(node, "name", stub.name)
+                runner.run(doctest.DocTestParser().get_doctest(
+                    doc, dict(vars(module)), name, str(stub), node.lineno))
+    assert runner.failures == 0, f"{runner.failures} example(s) in {stub.name} failed"
+    assert runner.tries >= stub.read_text().count(">>> "), "an example was not found"

@@ -118,3 +118,14 @@ def test_a_kvm_zone_that_could_never_be_unregistered_is_refused(kvm_vm):
         kvm_vm.register_coalesced_mmio(Zone(0, 2**31))
     kvm_vm.register_coalesced_mmio(Zone(0, 2**31 - 1))
     kvm_vm.unregister_coalesced_mmio(Zone(0, 2**31 - 1))
+
+
+@pytest.mark.kvm
+def test_the_kernels_zone_limit_is_a_zone_limit_error(kvm_vm):
+    from kvmcoal import ZONE_LIMIT, ZoneLimitError
+
+    with pytest.raises(ZoneLimitError, match="MMIO zones") as info:
+        for i in range(ZONE_LIMIT + 1):
+            kvm_vm.register_coalesced_mmio(Zone(0x100000 + 16 * i, 4))
+    assert info.value.errno == errno.ENOSPC
+    assert i <= ZONE_LIMIT      # other devices on the kernel's bus may take places too

@@ -35,6 +35,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Literal
 
+from ..errors import CBuildUnavailable
+
 SOURCE_DIR = Path(__file__).resolve().parent / "c"
 CFLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror")
 
@@ -42,10 +44,6 @@ Kind = Literal["executable", "extension"]
 
 # gcc's words for an #include it cannot find.
 _MISSING_HEADER = re.compile(r"fatal error: (\S+): No such file or directory")
-
-
-class CBuildUnavailable(RuntimeError):
-    """A C baseline cannot be built here; the message says why."""
 
 
 def cache_dir() -> Path:

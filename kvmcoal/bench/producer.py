@@ -25,7 +25,7 @@ from .baselines import ENTRY
 from .reporting import Progress, Section, noop, ratio, time_blocks, timing_figures
 
 PRODUCER_BATCH = 4096             # writes per timed producer call
-PRODUCER_RING_BYTES = 1 << 20     # 43689 entries: a batch fits ten times over
+PRODUCER_RING_NBYTES = 1 << 20     # 43689 entries: a batch fits ten times over
 PRODUCER_DATA = b"\x2a\x00\x00\x00"
 ZONE_BASE = 0xFE00_0000
 
@@ -42,9 +42,9 @@ class ProducerWorkload:
     PRODUCER_BATCH), then empties the ring.
     """
 
-    def __init__(self, batch: int = PRODUCER_BATCH, ring_bytes: int = PRODUCER_RING_BYTES) -> None:
+    def __init__(self, batch: int = PRODUCER_BATCH, nbytes: int = PRODUCER_RING_NBYTES) -> None:
         self.vm = EmulatedVm()
-        self.buf = self.vm.create_coalesced_buffer(nbytes=ring_bytes)
+        self.buf = self.vm.create_coalesced_buffer(nbytes=nbytes)
         self.ring = self.buf.ring
         if batch > self.ring.capacity:
             raise ValueError(f"a batch of {batch} does not fit a ring of {self.ring.capacity}")

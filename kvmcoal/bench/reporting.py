@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import kvmcoal
+from kvmcoal.errors import InvalidSample, Unmeasured
 
 T = TypeVar("T")
 Progress = Callable[[str], None]
@@ -124,19 +125,6 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 TRIES_PER_SAMPLE = 5
 RETRY_SHARE = 0.25
 LEAST_RETRIES = 20
-
-
-class InvalidSample(Exception):
-    """A sample failed its benchmark's own timing check (a busy machine): measure it again.
-
-    Only for checks about timing.  A data check that fails (an entry lost,
-    reordered or wrong) raises AssertionError instead: that is a bug, and
-    no retry may hide it.
-    """
-
-
-class Unmeasured(Exception):
-    """A figure whose samples kept failing their timing check; the message is the reason."""
 
 
 class RetryBudget:

@@ -41,6 +41,7 @@ from typing import Any
 
 import kvmcoal
 from kvmcoal import CoalescedBuffer
+from kvmcoal.errors import PeerMissing
 
 from .baselines import ENTRY
 from .reporting import (TIMEOUT_S, InvalidSample, Method, Progress, RetryBudget, Section,
@@ -80,17 +81,7 @@ def check_stream(got: bytes | bytearray, n: int) -> None:
                          f"data {int.from_bytes(data, 'little')}")
 
 
-class PeerMissing(Exception):
-    """A peer's package does not import, so its figures are reported as missing.
 
-    ``package`` is the name it is installed by (the ``bench`` extra lists
-    it); the message, the ``reason`` of a "missing" entry or of a pytest
-    skip, names it and carries the ImportError's text.
-    """
-
-    def __init__(self, package: str, error: ImportError) -> None:
-        super().__init__(f"{package} does not import: {error}")
-        self.package = package
 
 
 class _PassedFds:
@@ -415,10 +406,10 @@ class KvmcoalTransfer(Transfer):
 
     producer = _kvmcoal_producer
 
-    def __init__(self, records: int = RECORDS, ring_bytes: int | None = None, *,
+    def __init__(self, records: int = RECORDS, nbytes: int | None = None, *,
                  thread: bool = False) -> None:
         super().__init__(records, thread=thread)
-        self.buf = CoalescedBuffer(ring_bytes)
+        self.buf = CoalescedBuffer(nbytes)
         self._out = bytearray()
 
     @property
@@ -484,9 +475,9 @@ class KvmcoalBatchTransfer(KvmcoalTransfer):
 
     producer = _kvmcoal_batch_producer
 
-    def __init__(self, records: int = RECORDS, ring_bytes: int | None = 65536, *,
+    def __init__(self, records: int = RECORDS, nbytes: int | None = 65536, *,
                  thread: bool = False) -> None:
-        super().__init__(records, ring_bytes, thread=thread)
+        super().__init__(records, nbytes, thread=thread)
 
     @property
     def label(self) -> str:
@@ -781,7 +772,7 @@ class ZmqTransfer(_ListTransfer):
 # reference, and a 64 KiB ring fed by push_many), then the peers.
 TRANSFERS: dict[str, Callable[..., Transfer]] = {
     "kvmcoal": KvmcoalTransfer,
-    "kvmcoal_64k": functools.partial(KvmcoalTransfer, ring_bytes=65536),
+    "kvmcoal_64k": functools.partial(KvmcoalTransfer, nbytes=65536),
     "kvmcoal_batch": KvmcoalBatchTransfer,
     "queue": QueueTransfer,
     "pipe": PipeTransfer,

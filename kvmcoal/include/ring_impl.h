@@ -28,7 +28,7 @@ typedef struct kvm_coalesced_mmio kc_entry;
 #define KC_ENTRY_SIZE       (sizeof(struct kvm_coalesced_mmio))
 #define KC_HEADER_SIZE      (offsetof(struct kvm_coalesced_mmio_ring, coalesced_mmio))
 /* Two slots: one always stays empty, so a smaller ring could hold no entry. */
-#define KC_MIN_RING_BYTES   (KC_HEADER_SIZE + 2 * KC_ENTRY_SIZE)
+#define KC_MIN_RING_NBYTES   (KC_HEADER_SIZE + 2 * KC_ENTRY_SIZE)
 #define KC_MAX_DATA         (sizeof(((kc_entry *)0)->data))
 /* Index arithmetic is 32-bit, like the kernel's. */
 #define KC_MAX_SLOTS        UINT32_MAX
@@ -42,7 +42,7 @@ _Static_assert(offsetof(struct kvm_coalesced_mmio, data) == 16, "ABI: data at 16
 enum kc_status {
     KC_OK = 0,
     /* kc_ring_init */
-    KC_E_TOO_SMALL = -1,      /* fewer than KC_MIN_RING_BYTES */
+    KC_E_TOO_SMALL = -1,      /* fewer than KC_MIN_RING_NBYTES */
     KC_E_TOO_LARGE = -2,      /* more than KC_MAX_SLOTS slots */
     KC_E_MISALIGNED = -3,     /* indices would not be 4-byte aligned */
     /* consumer: the shared memory holds something the kernel never writes */
@@ -84,7 +84,7 @@ typedef struct kc_ring {
 /* Number of slots a ring of nbytes holds, 0 if nbytes is too small. */
 static inline uint64_t kc_ring_max_for(size_t nbytes)
 {
-    if (nbytes < KC_MIN_RING_BYTES)
+    if (nbytes < KC_MIN_RING_NBYTES)
         return 0;
     return (uint64_t)(nbytes - KC_HEADER_SIZE) / KC_ENTRY_SIZE;
 }

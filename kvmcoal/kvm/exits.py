@@ -23,6 +23,7 @@ class MmioExit(Exit):
 
     @property
     def len(self) -> int:
+        """Width of the access in bytes."""
         return len(self.data)
 
 

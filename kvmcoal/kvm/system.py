@@ -22,7 +22,8 @@ def _open_kvm(path: str) -> int:
     except FileNotFoundError:
         raise KvmUnavailableError(
             f"{path} does not exist: this host has no KVM (load the kvm_intel or "
-            f"kvm_amd module, or enable nested virtualisation for this VM)") from None
+            f"kvm_amd module, or kvm_pvm where the kernel has PVM; in a virtual machine, "
+            f"enable nested virtualisation)") from None
     except PermissionError:
         raise KvmUnavailableError(f"permission denied opening {path}: "
                                   f"{_how_to_get_access(path)}") from None
@@ -84,6 +85,7 @@ class Kvm(OwnsFd):
         self.api_version: int = version
 
     def fileno(self) -> int:
+        """The /dev/kvm fd; ValueError once closed."""
         if self._fd < 0:
             raise ValueError("operation on a closed Kvm")
         return self._fd

@@ -72,6 +72,7 @@ class Vcpu(OwnsFd, ModeSetup):
         self._in_loop = False    # run_loop() is running, on the thread holding the lock
 
     def fileno(self) -> int:
+        """The vCPU fd; ValueError once closed."""
         if self._fd < 0:
             raise ValueError("operation on a closed Vcpu")
         return self._fd
@@ -82,6 +83,7 @@ class Vcpu(OwnsFd, ModeSetup):
                                f"until its run() or run_loop() returns")
 
     def get_regs(self) -> dict[str, int]:
+        """KVM_GET_REGS: the general-purpose registers, rip and rflags, by name."""
         return _abi.kvm_get_regs(self.fileno())
 
     def set_regs(self, **regs: int) -> None:
@@ -89,6 +91,7 @@ class Vcpu(OwnsFd, ModeSetup):
         _abi.kvm_set_regs(self.fileno(), regs)
 
     def get_sregs(self) -> dict[str, Any]:
+        """KVM_GET_SREGS: control registers, EFER, and segments and tables as dicts."""
         return _abi.kvm_get_sregs(self.fileno())
 
     def set_sregs(self, changes: dict[str, Any]) -> None:

@@ -10,8 +10,8 @@ import weakref
 from typing import TYPE_CHECKING
 
 from .._ring import Ring
-from ..errors import BufferForkedError, KvmcoalError, KvmUnavailableError
-from ..zones import Zone
+from ..errors import BufferForkedError, KvmcoalError, KvmUnavailableError, ZoneLimitError
+from ..zones import ZONE_LIMIT, Zone
 from . import _abi
 from .fd import OwnsFd
 from .vcpu import Vcpu
@@ -91,6 +91,7 @@ class Vm(OwnsFd):
         return self._fd < 0
 
     def fileno(self) -> int:
+        """The VM fd; ValueError once closed."""
         if self._fd < 0:
             raise ValueError("operation on a closed Vm")
         return self._fd
@@ -154,7 +155,12 @@ class Vm(OwnsFd):
             raise KvmUnavailableError("this kernel has no coalesced MMIO (KVM_CAP_COALESCED_MMIO)")
         if zone.pio and not self._has_pio:
             raise KvmUnavailableError("this kernel has no coalesced PIO (KVM_CAP_COALESCED_PIO)")
-        _abi.kvm_coalesced_zone(self.fileno(), register, zone.addr, zone.size, int(zone.pio))
+        try:
+            _abi.kvm_coalesced_zone(self.fileno(), register, zone.addr, zone.size, int(zone.pio))
+        except OSError as exc:
+            if register and exc.errno == errno.ENOSPC:   # the kernel's bus is full
+                raise ZoneLimitError(zone.pio, ZONE_LIMIT) from None
+            raise
 
     def create_vcpu(self) -> Vcpu:
         """A new vCPU with the next free id."""
