@@ -1,10 +1,11 @@
 """Example device models for the Bus, and adapters for existing ones.
 
-- :class:`Uart16550`: transmit holding register writes coalesced, status
-  reads flush them first.
+- :class:`Uart16550`: a 16550A in polled mode: transmit holding register
+  writes coalesced, status reads flush them first.
 - :class:`Framebuffer`: a plain MMIO memory region (all writes coalesced).
-- :class:`IndexDataPair`: PCI-config-style 0xcf8/0xcfc (index coalesced,
-  data flush-on-access).
+- :class:`IndexDataPair`: an index register and a data register (index
+  coalesced, data flush-on-access), byte-addressable;
+  :class:`PciConfig`: PCI configuration mechanism #1 on such a pair.
 - :class:`Doorbell`: a register whose written values matter, on a buffer of
   its own with a poller.
 - adapters: :class:`FunctionDevice` (plain callables), :class:`UnicornMmio`
@@ -13,7 +14,7 @@
 """
 
 from .adapters import Avatar2Peripheral, FunctionDevice, UnicornMmio
-from .models import Doorbell, Framebuffer, IndexDataPair, Uart16550
+from .models import Doorbell, Framebuffer, IndexDataPair, PciConfig, Uart16550
 
 __all__ = ["Avatar2Peripheral", "Doorbell", "Framebuffer", "FunctionDevice", "IndexDataPair",
-           "Uart16550", "UnicornMmio"]
+           "PciConfig", "Uart16550", "UnicornMmio"]
