@@ -87,8 +87,8 @@ cdef uint64_t _as_u64(object value, str what) except? 0xFFFFFFFFFFFFFFFF
 cdef int _get_buffer(object obj, Py_buffer *view, str what, bint writable=*) except -1
 # Validate a write given from Python (phys_addr, data, pio) and build its record.
 cdef int _fill_entry(kc_entry *e, object phys_addr, object data, object pio) except -1
-# Raise OSError for a failed eventfd signal (err is -errno; 0 is success).
-cdef int _check_signal(int err) except -1
+# Raise OSError for a failed wake_consumer() (err is -errno; 0 is success).
+cdef int check_wake(int err) except -1
 
 
 @cython.final
@@ -139,14 +139,14 @@ cdef class Ring:
     cdef Py_ssize_t _begin(self, Py_ssize_t limit, uint32_t *first) except -1
     cdef int _consumer_idle(self) except -1
 
-    # The producer side, callable without the GIL: _produce pushes one
+    # The producer side, callable without the GIL: produce pushes one
     # entry under the producer lock (a kc_push_result, or KC_PUSH_RELEASED)
-    # and says whether the consumer must be woken; _signal wakes it (call it
+    # and says whether the consumer must be woken; wake_consumer wakes it (call it
     # without the GIL: the consumer that wakes needs it).
-    cdef int _produce(self, const kc_entry *e, bint *must_signal) noexcept nogil
-    cdef size_t _produce_many(self, const void *records, size_t n, int *status,
-                              bint *must_signal) noexcept nogil
-    cdef int _signal(self) noexcept nogil
+    cdef int produce(self, const kc_entry *e, bint *must_wake) noexcept nogil
+    cdef size_t produce_many(self, const void *records, size_t n, int *status,
+                              bint *must_wake) noexcept nogil
+    cdef int wake_consumer(self) noexcept nogil
 
     cdef void _close_sleep_fd(self)
     cdef int _enter_exclusive(self, str what) except -1

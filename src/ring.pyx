@@ -236,7 +236,7 @@ cdef int _propagate() except -1:
     return -1
 
 
-cdef int _check_signal(int err) except -1:
+cdef int check_wake(int err) except -1:
     if err < 0:
         raise OSError(-err, f"cannot signal the ring's eventfd: {os.strerror(-err)}")
     return 0
@@ -395,25 +395,25 @@ cdef class Ring:
                 PyErr_SetFromErrno(OSError)
         return 0
 
-    cdef int _produce(self, const kc_entry *e, bint *must_signal) noexcept nogil:
+    cdef int produce(self, const kc_entry *e, bint *must_wake) noexcept nogil:
         """Push under the producer lock; returns a kc_push_result (or KC_PUSH_RELEASED).
 
-        *must_signal is set when this write must wake the consumer: call
-        _signal(), without the GIL, since the consumer that wakes needs it.
+        *must_wake is set when this write must wake the consumer: call
+        wake_consumer(), without the GIL, since the consumer that wakes needs it.
         """
         cdef int rc
-        must_signal[0] = False
+        must_wake[0] = False
         pthread_mutex_lock(&self._plock)
         if not self._live:
             rc = KC_PUSH_RELEASED
         else:
             rc = kc_ring_push(&self._r, e.phys_addr, e.data, e.len, e.pio, self._legacy)
             if rc == KC_PUSH_OK:
-                must_signal[0] = kc_ring_claim_wakeup(&self._r)
+                must_wake[0] = kc_ring_claim_wakeup(&self._r)
         pthread_mutex_unlock(&self._plock)
         return rc
 
-    cdef int _signal(self) noexcept nogil:
+    cdef int wake_consumer(self) noexcept nogil:
         """Write the eventfd a claimed wakeup owes; 0 or -errno.  The lock keeps the fd open."""
         cdef int rc = 0
         pthread_mutex_lock(&self._plock)
@@ -629,16 +629,16 @@ cdef class Ring:
         """Record a write as the kernel does; False if the kernel would refuse it."""
         cdef kc_entry e
         cdef int rc, err = 0
-        cdef bint must_signal
+        cdef bint must_wake
         self._check_live()
         _fill_entry(&e, phys_addr, data, pio)
-        rc = self._produce(&e, &must_signal)
+        rc = self.produce(&e, &must_wake)
         if rc == KC_PUSH_RELEASED:   # by the arguments' own code, or another thread
             self._check_live()
-        if must_signal:
+        if must_wake:
             with nogil:
-                err = self._signal()
-            _check_signal(err)
+                err = self.wake_consumer()
+            check_wake(err)
         return rc == KC_PUSH_OK
 
     def push_many(self, records):
@@ -647,7 +647,7 @@ cdef class Ring:
         cdef size_t n, bad_at, done = 0
         cdef int status = KC_OK, err = 0
         cdef uint32_t length = 0, pio = 0
-        cdef bint must_signal = False
+        cdef bint must_wake = False
         self._check_live()
         _get_buffer(records, &view, "push_many()", writable=False)
         try:
@@ -664,22 +664,22 @@ cdef class Ring:
             if min(n, <size_t>self._r.max) * KC_ENTRY_SIZE <= _BATCH_WITH_GIL_BYTES:
                 bad_at = kc_records_first_bad(view.buf, n, &length, &pio)
                 if bad_at == n:
-                    done = self._produce_many(view.buf, n, &status, &must_signal)
+                    done = self.produce_many(view.buf, n, &status, &must_wake)
             else:
                 with nogil:
                     bad_at = kc_records_first_bad(view.buf, n, &length, &pio)
                     if bad_at == n:
-                        done = self._produce_many(view.buf, n, &status, &must_signal)
+                        done = self.produce_many(view.buf, n, &status, &must_wake)
             if bad_at < n:
                 raise ValueError(
                     f"push_many(): record {bad_at} has len={length} and pio={pio}; "
                     f"expected len 1 to {KC_MAX_DATA} and pio 0 or 1")
-            if must_signal:
+            if must_wake:
                 with nogil:
-                    err = self._signal()
+                    err = self.wake_consumer()
         finally:
             PyBuffer_Release(&view)
-        _check_signal(err)
+        check_wake(err)
         if status < 0 and done == 0:
             # The caller changed the first record after it was checked.
             raise ValueError("push_many(): record 0 changed while it was pushed")
@@ -687,18 +687,18 @@ cdef class Ring:
         # and the count says so; a retry of the rest reports the bad one.
         return done
 
-    cdef size_t _produce_many(self, const void *records, size_t n, int *status,
-                              bint *must_signal) noexcept nogil:
-        """_produce for a batch: one lock, one wakeup; returns how many were pushed."""
+    cdef size_t produce_many(self, const void *records, size_t n, int *status,
+                              bint *must_wake) noexcept nogil:
+        """produce for a batch: one lock, one wakeup; returns how many were pushed."""
         cdef size_t done = 0
-        must_signal[0] = False
+        must_wake[0] = False
         pthread_mutex_lock(&self._plock)
         if not self._live:
             status[0] = KC_PUSH_RELEASED
         else:
             done = kc_ring_push_records(&self._r, records, n, self._legacy, status)
             if done:
-                must_signal[0] = kc_ring_claim_wakeup(&self._r)
+                must_wake[0] = kc_ring_claim_wakeup(&self._r)
         pthread_mutex_unlock(&self._plock)
         return done
 

@@ -12,7 +12,7 @@ from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.object cimport PyObject
 from libc.stdint cimport uint64_t
 
-from kvmcoal._ring cimport (Ring, kc_entry, KC_PUSH_OK, _as_u64, _check_signal,
+from kvmcoal._ring cimport (Ring, kc_entry, KC_PUSH_OK, _as_u64, check_wake,
                             _fill_entry)
 
 cdef extern from "grace.h" nogil:
@@ -128,7 +128,7 @@ cdef class _ZoneBus:
         cdef uint64_t end
         cdef Py_ssize_t i
         cdef int rc, err = 0
-        cdef bint must_signal
+        cdef bint must_wake
         cdef int epoch
         _fill_entry(&e, phys_addr, data, pio)
         end = e.phys_addr + e.len
@@ -142,10 +142,10 @@ cdef class _ZoneBus:
                 if e.phys_addr >= z.addr and end <= z.end:
                     ring = <Ring>z.ring
                     with nogil:
-                        rc = ring._produce(&e, &must_signal)
-                        if must_signal:
-                            err = ring._signal()
-                    _check_signal(err)
+                        rc = ring.produce(&e, &must_wake)
+                        if must_wake:
+                            err = ring.wake_consumer()
+                    check_wake(err)
                     if rc == KC_PUSH_OK:
                         return True
             return False
