@@ -405,6 +405,9 @@ class CoalescedBuffer:
                                "of its own ring: close it after the consumer call returns")
         with self._close_lock:
             if self._closed:
+                # Finish a close (or a set-up) that an exception interrupted
+                # half-way: each piece of the teardown happens once.
+                self._teardown()
                 return
             self._ring.release()   # first: it refuses from inside a handler
             self._closed = True    # a close() from a callback below returns at once
@@ -433,8 +436,14 @@ class CoalescedBuffer:
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
-            self.close()
+        # Open, or closed only part of the way (an exception landed inside
+        # close()): either way something is still held.
+        held = getattr(self, "_memfd", -1) >= 0 or getattr(self, "_efd", -1) >= 0
+        if not getattr(self, "_closed", True) or held:
+            if hasattr(self, "_close_lock"):
+                self.close()
+            else:                  # the set-up never got as far as the lock
+                self._teardown()
 
     def __repr__(self) -> str:
         if self._closed:

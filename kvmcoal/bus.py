@@ -221,13 +221,29 @@ class Bus:
                     raise BusError(f"{type(producer).__name__} has no per-device buffers "
                                    f"(the v2 API); use an EmulatedVm")
                 mapping.buffer = create()
-                producer.register_coalesced_mmio2(zone, mapping.buffer)  # type: ignore[attr-defined]
+                try:
+                    producer.register_coalesced_mmio2(zone, mapping.buffer)  # type: ignore[attr-defined]
+                except BaseException:
+                    mapping.buffer.close()
+                    raise
             else:
                 producer.register_coalesced_mmio(zone)
         # A new list, not an append: deliver() on another thread may be walking
         # the old one (copy-on-write; the replacement is one atomic store).
         with self._maps_lock:
-            self._maps[mapping.pio] = self._maps[mapping.pio] + [mapping]
+            added = not self._closed     # close() marks itself under this lock
+            if added:
+                self._maps[mapping.pio] = self._maps[mapping.pio] + [mapping]
+        if not added:                    # closed meanwhile: undo the registration
+            if coalesced and not self._producer_closed():
+                producer = self._need_producer()
+                if mapping.buffer is not None:
+                    producer.unregister_coalesced_mmio2(zone, mapping.buffer)  # type: ignore[attr-defined]
+                else:
+                    producer.unregister_coalesced_mmio(zone)
+            if mapping.buffer is not None:
+                mapping.buffer.close()
+            raise ValueError("operation on a closed Bus")
         return mapping
 
     def unmap(self, mapping: Mapping) -> None:
@@ -411,9 +427,14 @@ class Bus:
             raise BusError(f"{mapping} has no buffer of its own")
         buf = mapping.buffer
         while True:
-            await buf.wait_async()
-            with self._deliver_lock:
-                buf.ring.consume(self.deliver)
+            try:
+                await buf.wait_async()
+                with self._deliver_lock:
+                    buf.ring.consume(self.deliver)
+            except ValueError:
+                if buf.closed:       # unmapped, or the bus closed: end, as a poller thread does
+                    return
+                raise
 
     def close(self) -> None:
         """Flush, stop the pollers, unmap everything.  Idempotent.
@@ -422,9 +443,10 @@ class Bus:
         pollers are still stopped and everything unmapped; then it raises.
         A Bus dropped without close() is closed when it is collected.
         """
-        if self._closed:
-            return
-        self._closed = True
+        with self._maps_lock:
+            if self._closed:
+                return
+            self._closed = True
         errors: list[BaseException] = []
         try:
             self.flush()

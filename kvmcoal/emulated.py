@@ -24,7 +24,7 @@ import weakref
 
 from . import _ring, _zone_bus
 from .buffers import CoalescedBuffer
-from .errors import ZoneLimitError
+from .errors import BufferForkedError, ZoneLimitError
 from .zones import ZONE_LIMIT, Zone
 
 __all__ = ["EmulatedVm"]
@@ -61,6 +61,7 @@ class EmulatedVm(_zone_bus._ZoneBus):
         self._zones_lock = threading.RLock()
         self._buffers: weakref.WeakSet[CoalescedBuffer] = weakref.WeakSet()
         self._closed = False
+        self._pid = os.getpid()
         _live_vms.add(self)
 
     def _after_fork_in_child(self) -> None:
@@ -68,6 +69,7 @@ class EmulatedVm(_zone_bus._ZoneBus):
         # the fork: neither exists here, and either would hang a zone change.
         self._zones_lock = threading.RLock()
         self._forget_writers()
+        self._pid = -1
 
     # -- the VM-wide ring (KVM_(UN)REGISTER_COALESCED_MMIO) --
 
@@ -124,6 +126,10 @@ class EmulatedVm(_zone_bus._ZoneBus):
     def _check(self) -> None:
         if self._closed:
             raise ValueError("operation on a closed EmulatedVm")
+        if self._pid != os.getpid():
+            raise BufferForkedError("this EmulatedVm was inherited across fork(): its rings are "
+                                    "the parent's shared memory; close() it here, and use the "
+                                    "VM in the process that created it")
 
     def _check_buffer(self, buffer: CoalescedBuffer) -> None:
         self._check()
@@ -169,13 +175,19 @@ class EmulatedVm(_zone_bus._ZoneBus):
             kept = [(z, t) for z, t in self._zones
                     if not (z.pio == zone.pio and matches(t) and z.contains(zone.addr, zone.size))]
             if len(kept) != len(self._zones):
-                self._zones = kept
-                self._install(zone.pio)
+                previous, self._zones = self._zones, kept
+                try:
+                    self._install(zone.pio)
+                except BaseException:
+                    self._zones = previous          # nothing half-unregistered
+                    raise
 
     def _install(self, pio: bool) -> None:
         # The kernel's bus is sorted by (address, length) and a write tries
         # the matching devices in that order.
-        entries = sorted(((z.addr, z.size, (self._vm_ring if t is None else t).ring)
+        # _ring, not ring: a forked child's close() still installs tables (of
+        # rings cut loose, which take no write) without the fork check.
+        entries = sorted(((z.addr, z.size, (self._vm_ring if t is None else t)._ring)
                           for z, t in self._zones if z.pio == pio),
                          key=lambda entry: entry[:2])
         self._set_zones(pio, entries)
@@ -192,18 +204,29 @@ class EmulatedVm(_zone_bus._ZoneBus):
 
         Zone changes and buffer creation from other threads either finish
         before it or fail with ValueError after it: nothing registered
-        meanwhile survives it.
+        meanwhile survives it.  Raises RuntimeError, closing nothing, when
+        called from a handler of a consumer call on one of the VM's rings
+        (close it after that call returns).  In a forked child it closes the
+        child's copy.
         """
         with self._zones_lock:
             if self._closed:
                 return
+            rings = [self._vm_ring._ring, *(buf._ring for buf in self._buffers)]
+            if any(ring is not None and ring._consuming_here() for ring in rings):
+                raise RuntimeError("EmulatedVm.close() called from a handler of a consumer "
+                                   "call on one of its rings: close it after that call returns")
             self._closed = True     # first: registration from here on is refused
-            for buf in list(self._buffers):
-                buf.close()         # its callback unbinds its zones (the lock is re-entrant)
+            buffers = list(self._buffers)
             self._zones = []
-            self._install(False)
-            self._install(True)
-            self._vm_ring.close()
+            self._set_zones(False, [])
+            self._set_zones(True, [])
+        # The buffers close outside the lock: a buffer's close() takes its own
+        # lock and then (its callback) this one, and a consumer's handler
+        # that changes zones needs this one while the close waits for it.
+        for buf in buffers:
+            buf.close()
+        self._vm_ring.close()
 
     def __enter__(self) -> EmulatedVm:
         return self

@@ -506,6 +506,10 @@ def test_a_bus_dropped_with_pollers_running_is_collected_and_frees_its_threads_a
     bus.start_pollers()
     bus.write(0x1000, 4, 7)
     assert threading.active_count() == threads_before + 5
+    deadline = time.monotonic() + 5
+    while bells[0].requests != [7] and time.monotonic() < deadline:
+        time.sleep(0.01)                  # delivered: no poller holds the bus any more
+    assert bells[0].requests == [7]
     gone = weakref.ref(bus)
     del bus
     gc.collect()
@@ -515,8 +519,26 @@ def test_a_bus_dropped_with_pollers_running_is_collected_and_frees_its_threads_a
         time.sleep(0.01)
     assert threading.active_count() == threads_before
     assert len(os.listdir("/proc/self/fd")) == fds_before
-    assert bells[0].requests == [7]     # closing it delivered what was pending
     vm.close()
+
+
+def test_poll_async_ends_quietly_when_the_bus_closes():
+    async def main():
+        vm = EmulatedVm()
+        bus = Bus(vm)
+        bell = Doorbell()
+        mapping = bus.map(bell, 0x1000, 4, coalesced=True, own_buffer=True)
+        task = asyncio.ensure_future(bus.poll_async(mapping))
+        bus.write(0x1000, 4, 5)
+        for _ in range(100):
+            if bell.requests:
+                break
+            await asyncio.sleep(0.01)
+        bus.close()
+        await asyncio.wait_for(task, 5)   # ends without an exception, as a poller thread does
+        vm.close()
+        return bell.requests
+    assert asyncio.run(main()) == [5]
 
 
 def test_a_bus_whose_vm_was_closed_first_closes_cleanly():

@@ -178,3 +178,23 @@ def test_a_wide_pair_is_byte_addressable(bus):
     assert pair.registers[0x01020304] == 0xAABB11DD
     with pytest.raises(ValueError, match="width"):
         IndexDataPair(width=3)
+
+
+def test_iir_identifies_the_pending_interrupt_as_a_16550a_does(bus, uart):
+    """Linux's 8250 driver without an IRQ polls IIR and stops at 'no interrupt'."""
+    iir, ier = COM1 + 2, COM1 + 1
+    outb(bus, COM1 + 2, 0x01)                   # FIFOs on
+    assert inb(bus, iir) == 0xC1                # nothing enabled: none pending
+    uart.feed(b"k")
+    assert inb(bus, iir) == 0xC1                # received data, but RDI not enabled
+    outb(bus, ier, 0x01)
+    assert inb(bus, iir) == 0xC4                # received data available
+    assert inb(bus, COM1) == ord("k")
+    assert inb(bus, iir) == 0xC1
+    outb(bus, ier, 0x03)                        # THRI on, THR empty: raised
+    assert inb(bus, iir) == 0xC2
+    assert inb(bus, iir) == 0xC1                # reading IIR cleared it
+    outb(bus, COM1, ord("x"))                   # sent at once: THR empty again
+    assert inb(bus, iir) == 0xC2
+    uart.feed(b"y")
+    assert inb(bus, iir) == 0xC4                # received data outranks THRE

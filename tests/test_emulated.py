@@ -265,6 +265,7 @@ def test_nothing_registered_while_close_runs_survives_it():
     """close() used to run without the zones lock and mark the VM closed only at
     the end: a buffer and zone registered meanwhile survived it, still coalescing
     into a buffer nobody would close."""
+    registered = 0
     for _ in range(30):
         vm = EmulatedVm()
         made: list = []
@@ -294,9 +295,97 @@ def test_nothing_registered_while_close_runs_survives_it():
         assert not any(vm.write(0x80000 + 16 * i, b"\1") for i in range(90))
         for buf in made:
             buf.close()
+        registered += len(made)
+    assert registered > 0, "no registration ran while close() did: the race was not tested"
 
 
 def test_binding_a_zone_to_no_buffer_is_a_type_error(vm):
     with pytest.raises(TypeError, match="register_coalesced_mmio binds a zone to the VM-wide"):
         vm.register_coalesced_mmio2(Zone(0x1000, 4), None)
     assert vm.zones == [] and not vm.write(0x1000, b"\1")
+
+
+def run_both(*calls, timeout=10):
+    """Run each call on its own thread at once; fail if any is still running at *timeout*."""
+    errors: list[BaseException] = []
+
+    def guarded(call):
+        try:
+            call()
+        except BaseException as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=guarded, args=(call,), daemon=True) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), "deadlocked"
+    return errors
+
+
+def test_vm_close_and_buffer_close_on_two_threads_do_not_deadlock():
+    """vm.close() used to hold the zones lock while it closed each buffer (the
+    buffer's lock), and a buffer's close() holds its lock while its callback
+    takes the zones lock: two locks in opposite orders."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(300):
+            vm = EmulatedVm()
+            buf = vm.create_coalesced_buffer()
+            vm.register_coalesced_mmio2(Zone(0x1000, 4), buf)
+            assert run_both(buf.close, vm.close) == []
+            assert vm.closed and buf.closed
+    finally:
+        sys.setswitchinterval(old)
+
+
+def test_a_handler_that_changes_zones_while_the_vm_closes():
+    """vm.close() used to hold the zones lock while it waited for a consumer
+    whose handler was waiting for that lock."""
+    vm = EmulatedVm()
+    buf = vm.create_coalesced_buffer()
+    vm.register_coalesced_mmio2(Zone(0x1000, 0x100), buf)
+    assert vm.write(0x1000, b"\x01")
+    inside = threading.Event()
+    seen: list[BaseException] = []
+
+    def handler(addr, data, pio):
+        inside.set()
+        time.sleep(0.2)                         # vm.close() runs meanwhile
+        try:
+            vm.register_coalesced_mmio(Zone(0x2000, 0x100))
+        except ValueError as exc:
+            seen.append(exc)
+
+    def consume():
+        inside.clear()
+        buf.ring.consume(handler)
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    assert inside.wait(5)
+    assert run_both(vm.close) == []
+    consumer.join(5)
+    assert not consumer.is_alive()
+    assert len(seen) == 1 and "closed EmulatedVm" in str(seen[0])
+    assert vm.zones == [] and buf.closed
+
+
+def test_vm_close_from_a_handler_is_refused_before_it_changes_anything():
+    vm = EmulatedVm()
+    buf = vm.create_coalesced_buffer()
+    vm.register_coalesced_mmio2(Zone(0x1000, 4), buf)
+    vm.register_coalesced_mmio(Zone(0x3000, 4))
+    assert vm.write(0x1000, b"\x01")
+    refused: list[BaseException] = []
+
+    def handler(addr, data, pio):
+        try:
+            vm.close()
+        except RuntimeError as exc:
+            refused.append(exc)
+    buf.ring.consume(handler)
+    assert len(refused) == 1 and "close it after that call returns" in str(refused[0])
+    assert not vm.closed and not buf.closed and len(vm.zones) == 2
+    vm.close()                                  # and afterwards it closes, whole
+    assert vm.closed and buf.closed and not vm.write(0x3000, b"\x01")

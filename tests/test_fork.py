@@ -75,9 +75,10 @@ def test_a_child_forked_while_a_write_is_in_flight_can_change_zones():
     assert holding.is_alive() and writer.is_alive(), "the push finished too soon to test"
 
     def child() -> bool:
-        vm.unregister_coalesced_mmio2(zone, buf)   # waited for the parent's writer for ever
-        vm.close()
-        return True
+        with pytest.raises(BufferForkedError):     # the VM's rings are the parent's
+            vm.unregister_coalesced_mmio2(zone, buf)
+        vm.close()        # installs empty tables: waited for the parent's writer for ever
+        return vm.closed and buf.closed
     status = in_child(child)
     holding.join()
     writer.join()
@@ -96,6 +97,8 @@ def test_a_child_gets_fresh_locks_for_zones_buffers_and_buses():
         # with the error that says so, not by hanging on the held lock.
         with pytest.raises(BufferForkedError):
             vm.register_coalesced_mmio(Zone(0x2000, 8))
+        with pytest.raises(BufferForkedError):
+            vm.create_coalesced_buffer()
         bus.map(Doorbell(), 0x3000, 4)
         buf.close()
         vm.close()
@@ -148,3 +151,23 @@ def test_a_child_cannot_take_the_parent_guests_entries(kvm_vm):
         return False
     assert in_child(child) == 0
     assert [e.phys_addr for e in kvm_vm.ring.drain()] == [0xD0000, 0xD0001, 0xD0002]
+
+
+def test_a_child_closes_an_inherited_vm_with_several_buffers_and_zones():
+    """Closing one buffer re-installs the zone table, which named the other
+    buffers' rings: in the child that raised BufferForkedError half-way and
+    left the VM's fds open."""
+    vm = EmulatedVm()
+    buffers = [vm.create_coalesced_buffer() for _ in range(3)]
+    for i, buf in enumerate(buffers):
+        vm.register_coalesced_mmio2(Zone(0x1000 * (i + 1), 4), buf)
+    vm.register_coalesced_mmio(Zone(0x9000, 4))
+
+    def child() -> bool:
+        held = [fd for buf in [*buffers, vm._vm_ring] for fd in (buf._memfd, buf._efd)]
+        buffers[0].close()            # its callback re-installs the others' zones
+        vm.close()
+        still_open = [fd for fd in held if os.path.exists(f"/proc/self/fd/{fd}")]
+        return vm.closed and all(buf.closed for buf in buffers) and not still_open
+    assert in_child(child) == 0
+    vm.close()

@@ -16,9 +16,10 @@ class Uart16550:
     SCR at 7, with the loopback mode (MCR bit 4) that Linux's 8250 driver
     uses to detect the chip.  Transmitted bytes are appended to
     :attr:`output` at once (the transmitter is always empty); bytes given to
-    :meth:`feed` are what the guest receives.  No interrupt is raised: IIR
-    always says none is pending, so drivers must poll (as early consoles and
-    probing do).
+    :meth:`feed` are what the guest receives.  No interrupt line is raised
+    (polled mode), but IIR identifies the pending interrupt as the chip
+    does (received data, then transmitter empty, as IER enables them), so a
+    driver polling IIR, as Linux's 8250 driver does without an IRQ, works.
 
     Map THR coalesced and the rest flush-on-access::
 
@@ -46,6 +47,10 @@ class Uart16550:
         self.modem_status = modem_status & 0xF0
         self.ier = self.lcr = self.mcr = self.scr = self.fcr = 0
         self.divisor = 0
+        # The transmitter-empty interrupt: raised when THR empties (at once,
+        # here) or IER enables it, cleared by reading IIR while it is the one
+        # IIR reports, or by writing THR.
+        self._thre_pending = False
 
     def feed(self, data: bytes) -> None:
         """Bytes the guest will read from RBR, in order."""
@@ -63,7 +68,13 @@ class Uart16550:
         if offset == self.IER:
             return (self.divisor >> 8) & 0xFF if dlab else self.ier
         if offset == self.IIR:
-            return (0xC0 if self.fcr & 0x01 else 0) | 0x01     # FIFOs on; no interrupt pending
+            fifos = 0xC0 if self.fcr & 0x01 else 0
+            if self.ier & 0x01 and self.input:
+                return fifos | 0x04                          # received data available
+            if self.ier & 0x02 and self._thre_pending:
+                self._thre_pending = False                   # reading IIR clears it
+                return fifos | 0x02                          # transmitter holding register empty
+            return fifos | 0x01                              # no interrupt pending
         if offset == self.LCR:
             return self.lcr
         if offset == self.MCR:
@@ -86,14 +97,18 @@ class Uart16550:
         if offset == self.THR:
             if dlab:
                 self.divisor = (self.divisor & 0xFF00) | value
-            elif self.mcr & self.MCR_LOOP:
-                self.input.append(value)     # loopback: what is sent is received
             else:
-                self.output.append(value)
+                if self.mcr & self.MCR_LOOP:
+                    self.input.append(value)     # loopback: what is sent is received
+                else:
+                    self.output.append(value)
+                self._thre_pending = True        # sent at once: THR is empty again
         elif offset == self.IER:
             if dlab:
                 self.divisor = (self.divisor & 0x00FF) | value << 8
             else:
+                if value & 0x02 and not self.ier & 0x02:
+                    self._thre_pending = True    # enabling it with THR empty raises it
                 self.ier = value & 0x0F
         elif offset == self.FCR:
             self.fcr = value & 0xC9           # enable, DMA mode, trigger level
