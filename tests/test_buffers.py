@@ -683,7 +683,7 @@ def test_close_from_a_handler_is_refused_even_while_another_thread_closes():
     outcome: list[object] = []
 
     def handler(addr, data, pio):
-        closer = threading.Thread(target=lambda: (other_closing.set(), buf.close()))
+        closer = threading.Thread(target=lambda: (other_closing.set(), buf.close()), daemon=True)
         closer.start()
         assert other_closing.wait(5)
         time.sleep(0.05)                 # the closer now holds the lock and waits for us
@@ -693,7 +693,7 @@ def test_close_from_a_handler_is_refused_even_while_another_thread_closes():
             outcome.append(exc)
         outcome.append(closer)
 
-    consumer = threading.Thread(target=buf.ring.consume, args=(handler,))
+    consumer = threading.Thread(target=buf.ring.consume, args=(handler,), daemon=True)
     consumer.start()
     consumer.join(10)
     assert not consumer.is_alive(), "close() from the handler deadlocked"

@@ -361,7 +361,7 @@ def test_a_handler_that_changes_zones_while_the_vm_closes():
     def consume():
         inside.clear()
         buf.ring.consume(handler)
-    consumer = threading.Thread(target=consume)
+    consumer = threading.Thread(target=consume, daemon=True)   # a deadlock must not hang the run
     consumer.start()
     assert inside.wait(5)
     assert run_both(vm.close) == []
