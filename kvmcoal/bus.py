@@ -298,7 +298,8 @@ class Bus:
 
     def find(self, addr: int, size: int = 1, *, pio: bool = False) -> Mapping | None:
         """The mapping that holds ``[addr, addr + size)``, or None."""
-        _check_flags(pio=pio)
+        if pio is not True and pio is not False:
+            _check_flags(pio=pio)
         for mapping in self._maps[pio]:
             if mapping.contains(addr, size):
                 return mapping
@@ -313,8 +314,10 @@ class Bus:
 
     def read(self, addr: int, size: int, *, pio: bool = False) -> int:
         """A load: flushes pending coalesced writes, then reads the device."""
-        _check_flags(pio=pio)
-        _check_access(size)
+        if pio is not True and pio is not False:
+            _check_flags(pio=pio)
+        if type(size) is not int or not 0 < size <= 8:
+            _check_access(size)
         self.flush()
         mapping = self.find(addr, size, pio=pio)
         if mapping is None:
@@ -324,11 +327,13 @@ class Bus:
     def write(self, addr: int, size: int, value: int, *, pio: bool = False) -> None:
         """A store of the int *value* (little-endian, *size* bytes): coalesced where the
         mapping is, else delivered now (in order)."""
-        if isinstance(value, bool) or not isinstance(value, int):
+        # The checks cost a few type tests on the common path: this runs per access.
+        if type(value) is not int and (isinstance(value, bool) or not isinstance(value, int)):
             raise TypeError(f"Bus.write() takes the value written as an int, not "
                             f"{type(value).__name__!r} (EmulatedVm.write and Ring.push take "
                             f"bytes)")
-        _check_access(size)
+        if type(size) is not int or not 0 < size <= 8:
+            _check_access(size)
         if not 0 <= value < 1 << (8 * size):
             raise ValueError(f"value={value:#x} does not fit a {size}-byte write")
         mapping = self.find(addr, size, pio=pio)
