@@ -416,7 +416,6 @@ class CoalescedBuffer:
                 for callback in callbacks:
                     callback(self)
             finally:               # a callback that raised must not leak the fds
-                _live_buffers.discard(self)
                 # Wake every sleeper (they find the buffer closed).  A counter
                 # too full to write (a peer's doing) is readable already: skip
                 # it.  A forked child's copy has no sleepers: its write would

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ReadHandler", "Vcpu", "WriteHandler"]
 
+# Bound once: the exit decoding below reads it on every KVM_RUN return.
+ABI = _abi.KVM_ABI
+
 WriteHandler = Callable[[int, bytes, bool], object]
 """``write(addr, data, pio)``: a guest write of ``len(data)`` bytes (little-endian)."""
 ReadHandler = Callable[[int, int, bool], int]
@@ -238,38 +241,38 @@ class Vcpu(OwnsFd, ModeSetup):
     def _decode_exit(self) -> Exit:
         run = self._run
         reason = run.exit_reason
-        if reason == _abi.KVM_ABI["KVM_EXIT_MMIO"]:
+        if reason == ABI["KVM_EXIT_MMIO"]:
             phys_addr, data, is_write = run.mmio()
             return MmioExit(phys_addr, data, is_write)
-        if reason == _abi.KVM_ABI["KVM_EXIT_IO"]:
+        if reason == ABI["KVM_EXIT_IO"]:
             direction, size, port, count, offset = run.io()
-            is_out = direction == _abi.KVM_ABI["KVM_EXIT_IO_OUT"]
+            is_out = direction == ABI["KVM_EXIT_IO_OUT"]
             data = self._map[offset:offset + size * count] if is_out else b""
             return IoExit(port, size, count, is_out, data)
-        if reason == _abi.KVM_ABI["KVM_EXIT_HLT"]:
+        if reason == ABI["KVM_EXIT_HLT"]:
             return HltExit()
-        if reason == _abi.KVM_ABI["KVM_EXIT_SHUTDOWN"]:
+        if reason == ABI["KVM_EXIT_SHUTDOWN"]:
             return ShutdownExit()
-        if reason == _abi.KVM_ABI["KVM_EXIT_FAIL_ENTRY"]:
+        if reason == ABI["KVM_EXIT_FAIL_ENTRY"]:
             return FailEntryExit(*run.fail_entry())
-        if reason == _abi.KVM_ABI["KVM_EXIT_INTERNAL_ERROR"]:
+        if reason == ABI["KVM_EXIT_INTERNAL_ERROR"]:
             return InternalErrorExit(*run.internal())
         return OtherExit(reason)
 
     def complete_mmio_read(self, data: bytes) -> None:
         """Give the value of the MMIO read the last exit asked for."""
         self.fileno()
-        if self._run.exit_reason != _abi.KVM_ABI["KVM_EXIT_MMIO"]:
+        if self._run.exit_reason != ABI["KVM_EXIT_MMIO"]:
             raise ValueError("the last exit was not MMIO")
         self._run.set_mmio_data(data)
 
     def complete_io_in(self, data: bytes) -> None:
         """Give the bytes of the IN the last exit asked for (size * count)."""
         self.fileno()
-        if self._run.exit_reason != _abi.KVM_ABI["KVM_EXIT_IO"]:
+        if self._run.exit_reason != ABI["KVM_EXIT_IO"]:
             raise ValueError("the last exit was not port I/O")
         direction, size, _port, count, offset = self._run.io()
-        if direction != _abi.KVM_ABI["KVM_EXIT_IO_IN"]:
+        if direction != ABI["KVM_EXIT_IO_IN"]:
             raise ValueError("the last exit was an OUT, not an IN")
         if len(data) != size * count:
             raise ValueError(f"the pending IN takes {size * count} bytes, got {len(data)}")
