@@ -1,11 +1,15 @@
-"""Build kvmcoal's three C extensions, one per concept:
+"""Build kvmcoal's four C extensions, one per concept:
 
 - kvmcoal._ring       the ring (src/ring.pyx, src/ring_impl.c; its C header
                       kvmcoal/include/ring_impl.h and Cython interface
                       kvmcoal/_ring.pxd ship with the package for cimporters);
 - kvmcoal._zone_bus   the emulated kernel's zone bus (src/zone_bus.pyx, src/grace.h),
                       which cimports the ring;
-- kvmcoal.kvm._abi    the /dev/kvm ABI (src/kvm_abi.pyx, src/linux_kvm.pxd).
+- kvmcoal.kvm._router the v2 API's router on real KVM (src/router.pyx), which
+                      cimports the ring and the zone tables (src/io_bus.h, the
+                      kernel's bus walk, shared with the zone bus);
+- kvmcoal.kvm._abi    the /dev/kvm ABI (src/kvm_abi.pyx, src/linux_kvm.pxd),
+                      which routes after every KVM_RUN.
 
 The metadata lives in pyproject.toml.  <linux/kvm.h> comes from the system's
 kernel headers (Debian: linux-libc-dev).
@@ -36,8 +40,12 @@ def extension(name, sources, depends):
 setup(
     ext_modules=cythonize(
         [extension("kvmcoal._ring", ["src/ring.pyx", "src/ring_impl.c"], []),
-         extension("kvmcoal._zone_bus", ["src/zone_bus.pyx"], ["src/grace.h"]),
-         extension("kvmcoal.kvm._abi", ["src/kvm_abi.pyx"], ["src/linux_kvm.pxd"])],
+         extension("kvmcoal._zone_bus", ["src/zone_bus.pyx"],
+                   ["src/grace.h", "src/io_bus.h", "kvmcoal/_zone_bus.pxd"]),
+         extension("kvmcoal.kvm._router", ["src/router.pyx"],
+                   ["src/io_bus.h", "kvmcoal/_zone_bus.pxd", "kvmcoal/kvm/_router.pxd"]),
+         extension("kvmcoal.kvm._abi", ["src/kvm_abi.pyx"],
+                   ["src/linux_kvm.pxd", "kvmcoal/kvm/_router.pxd"])],
         include_path=["src", "."],
         compiler_directives={"language_level": 3, "embedsignature": True},
     ),

@@ -20,6 +20,8 @@ cdef extern from "ring_impl.h" nogil:
         uint32_t max
         int efd
         int efd_shared
+        int64_t (*route)(void *ctx) noexcept nogil
+        void *route_ctx
 
     size_t KC_ENTRY_SIZE
     size_t KC_HEADER_SIZE
@@ -69,6 +71,11 @@ cdef extern from "ring_impl.h" nogil:
     size_t kc_records_first_bad(const void *records, size_t n, uint32_t *len, uint32_t *pio)
     size_t kc_ring_push_records(const kc_ring *r, const void *records, size_t n,
                                 int legacy_full_check, int *status)
+
+# PyThread_get_thread_ident needs no GIL (it is pthread_self); Cython's
+# declaration says otherwise.
+cdef extern from "pythread.h" nogil:
+    unsigned long kc_thread_ident "PyThread_get_thread_ident" ()
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:
@@ -135,7 +142,10 @@ cdef class Ring:
     # says the call is nested in a handler of this thread's (0: deliver
     # nothing); _begin is every consumer call's start, under that lock.
     cdef int _enter_consumer(self) except -1
-    cdef void _exit_consumer(self)
+    # The same without the GIL, for C callers (the router): 1 taken, 0 nested
+    # (this thread holds it), -1 released.  Leave with _exit_consumer.
+    cdef int _enter_consumer_nogil(self) noexcept nogil
+    cdef void _exit_consumer(self) noexcept nogil
     cdef Py_ssize_t _begin(self, Py_ssize_t limit, uint32_t *first) except -1
     cdef int _consumer_idle(self) except -1
 

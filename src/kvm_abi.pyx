@@ -17,6 +17,7 @@ from libc.string cimport memcpy
 import os as _os
 
 from kvmcoal._ring cimport _get_buffer
+from kvmcoal.kvm._router cimport Router
 from kvmcoal.errors import KvmcoalError
 from linux_kvm cimport *
 
@@ -162,24 +163,32 @@ cdef class KvmRunView:
             self._live = False
             PyBuffer_Release(&self._view)
 
-    def enter(self, int vcpufd):
+    def enter(self, int vcpufd, Router router=None):
         """KVM_RUN on *vcpufd*, without the GIL, unless an exit is still pending.
 
         True when kvm_run holds an exit to deliver: the pending one, or a
         new one (``pending`` is then set and ``progress`` reset in this same
         call).  False when a signal interrupted KVM_RUN before any exit;
         Python signal handlers have run, and one that raised propagates.
+        With a *router*, the kernel ring is routed after KVM_RUN returns,
+        still without the GIL, before the exit is handed back.
         """
-        cdef int rc
+        cdef int rc, err
         self._get()
         if self._pending:
             return True
         with nogil:
             rc = ioctl(vcpufd, KVM_RUN, 0)
-        if rc < 0 and errno == EINTR:
+            err = errno
+            if router is not None:
+                router.route_nogil()
+        if router is not None:
+            router.check()
+        if rc < 0 and err == EINTR:
             PyErr_CheckSignals()
             return False
-        _kvm_check(rc, "KVM_RUN")
+        if rc < 0:
+            raise OSError(err, f"KVM_RUN: {_os.strerror(err)}")
         self._pending = True
         self._progress = 0
         self._exits += 1

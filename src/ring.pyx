@@ -368,7 +368,18 @@ cdef class Ring:
         self._owner = PyThread_get_thread_ident()
         return 1
 
-    cdef void _exit_consumer(self):
+    cdef int _enter_consumer_nogil(self) noexcept nogil:
+        if pthread_mutex_trylock(&self._lock) != 0:
+            if self._owner == kc_thread_ident():
+                return 0
+            pthread_mutex_lock(&self._lock)
+        if not self._live:
+            pthread_mutex_unlock(&self._lock)
+            return -1
+        self._owner = kc_thread_ident()
+        return 1
+
+    cdef void _exit_consumer(self) noexcept nogil:
         self._owner = 0
         pthread_mutex_unlock(&self._lock)
 
@@ -376,7 +387,12 @@ cdef class Ring:
         """The start of every consumer call: validate the indices and return how
         many entries from *first* to deliver (at most *limit*; -1: all)."""
         cdef uint32_t bad = 0
-        cdef int64_t pending = kc_ring_begin(&self._r, first, &bad)
+        cdef int64_t pending, own
+        if self._r.route != NULL:
+            own = self._r.route(self._r.route_ctx)
+            if own >= 0 and (limit < 0 or own < limit):
+                limit = <Py_ssize_t>own
+        pending = kc_ring_begin(&self._r, first, &bad)
         if pending < 0:
             raise _corrupted(&self._r, <int>pending, bad, 0)
         if limit < 0 or pending < limit:
@@ -501,8 +517,18 @@ cdef class Ring:
 
     def __len__(self):
         cdef uint32_t first
+        cdef int entered
         self._check_live()
-        return self._begin(-1, &first)
+        if self._r.route == NULL:
+            return self._begin(-1, &first)
+        # A routed ring counts only its own entries, which the router (run
+        # under the consumer lock) finds.
+        entered = self._enter_consumer()
+        try:
+            return self._begin(-1, &first)
+        finally:
+            if entered:
+                self._exit_consumer()
 
     def __repr__(self):
         if not self._live:
@@ -756,6 +782,7 @@ cdef class Ring:
         cdef size_t done = 0, fits
         cdef int status = KC_OK
         cdef uint32_t bad = 0, bad_index = 0
+        cdef int64_t own
         self._check_live()
         _get_buffer(out, &view, "drain_into()")
         try:
@@ -767,6 +794,10 @@ cdef class Ring:
                 return 0
             try:
                 fits = <size_t>view.len // KC_ENTRY_SIZE
+                if self._r.route != NULL:
+                    own = self._r.route(self._r.route_ctx)
+                    if own >= 0 and <size_t>own < fits:
+                        fits = <size_t>own
                 if min(fits, <size_t>self._r.max - 1) * KC_ENTRY_SIZE <= _BATCH_WITH_GIL_BYTES:
                     # Releasing and retaking the GIL (about 60 ns here, and
                     # a wait of up to the switch interval when another thread

@@ -24,6 +24,8 @@ int kc_ring_init(kc_ring *r, void *base, size_t nbytes)
     r->efd = -1;
     r->signaled = NULL;
     r->efd_shared = 0;
+    r->route = NULL;
+    r->route_ctx = NULL;
     return KC_OK;
 }
 

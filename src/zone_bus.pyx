@@ -10,7 +10,7 @@ zone's Ring through the C interface kvmcoal/_ring.pxd declares.
 cimport cython
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.object cimport PyObject
-from libc.stdint cimport uint64_t
+from libc.stdint cimport int32_t, uint32_t, uint64_t
 
 from kvmcoal._ring cimport (Ring, kc_entry, KC_PUSH_OK, _as_u64, check_wake,
                             _fill_entry)
@@ -28,43 +28,77 @@ cdef extern from "<sched.h>" nogil:
     int sched_yield()
 
 
-cdef struct kc_zone:
-    uint64_t addr
-    uint64_t end          # (addr + size) mod 2**64, as the kernel computes it
-    PyObject *ring        # borrowed: the owning _ZoneTable holds a reference
+cdef int _fill_ranges(kc_bus_range *out, tuple checked) except -1:
+    cdef Py_ssize_t i
+    for i, (addr, size, ring) in enumerate(checked):
+        if size > 0xFFFFFFFF:
+            raise ValueError(f"zone size {size:#x} does not fit the ABI's u32")
+        out[i].addr = addr
+        out[i].size = size
+        out[i].len = <int32_t><uint32_t>size   # the kernel's (int)zone->size
+        out[i].target = <void *>ring if ring is not None else NULL
+    return 0
 
 
-@cython.final
 cdef class _ZoneTable:
-    """An immutable snapshot of one bus's zones; writers keep the one they started with."""
+    """An immutable snapshot of one bus's zones, in the kernel's bus order.
 
-    cdef kc_zone *zones
-    cdef Py_ssize_t n
-    cdef list rings
+    Writers (and the router) keep the one they started with.  A zone's
+    target is a Ring, or None (the router's "stays in the kernel ring").
+    """
 
     def __cinit__(self, list entries):
-        cdef Py_ssize_t i
-        cdef uint64_t addr, size
+        cdef Py_ssize_t i, j
         # A tuple of checked values first: the elements' own code (__index__)
         # runs before the C array exists, and cannot change how many there are.
         cdef tuple checked = tuple([(_as_u64(a, "zone addr"), _as_u64(z, "zone size"), r)
                                     for a, z, r in tuple(entries)])
-        self.rings = []
         self.n = 0
-        self.zones = <kc_zone *>PyMem_Malloc(max(len(checked), 1) * sizeof(kc_zone))
-        if self.zones == NULL:
+        self.disjoint = True
+        for _a, _z, ring in checked:
+            if ring is not None and not isinstance(ring, Ring):
+                raise TypeError(f"zone target must be a Ring or None, not "
+                                f"{type(ring).__name__!r}")
+        self.rings = [ring for _a, _z, ring in checked]
+        self.ranges = <kc_bus_range *>PyMem_Malloc(max(len(checked), 1) * sizeof(kc_bus_range))
+        if self.ranges == NULL:
             raise MemoryError()
-        for i, (addr, size, ring) in enumerate(checked):
-            if not isinstance(ring, Ring):
-                raise TypeError(f"zone target must be a Ring, not {type(ring).__name__!r}")
-            self.rings.append(ring)
-            self.zones[i].addr = addr
-            self.zones[i].end = addr + size   # wraps past 2**64 as the kernel's sum does
-            self.zones[i].ring = <PyObject *>ring
-            self.n = i + 1      # write() sees only slots filled in
+        _fill_ranges(self.ranges, checked)
+        self.n = len(checked)
+        # Sorted and pairwise apart: each access then has at most one zone,
+        # and the router may reuse the last zone it found.
+        for i in range(1, self.n):
+            if (self.ranges[i].addr < self.ranges[i - 1].addr
+                    or self.ranges[i].addr - self.ranges[i - 1].addr < self.ranges[i - 1].size):
+                self.disjoint = False
+                break
 
     def __dealloc__(self):
-        PyMem_Free(self.zones)
+        PyMem_Free(self.ranges)
+
+
+def insert_position(list entries, addr, size):
+    """Where the kernel inserts a zone (addr, size) into a bus holding *entries*.
+
+    *entries* are ``(addr, size, target)`` in bus order; the result is the
+    index kvm_io_bus_register_dev puts the new range at.
+    """
+    cdef tuple checked = tuple([(_as_u64(a, "zone addr"), _as_u64(z, "zone size"), None)
+                                for a, z, _t in tuple(entries)])
+    cdef uint64_t new_addr = _as_u64(addr, "zone addr")
+    cdef uint64_t new_size = _as_u64(size, "zone size")
+    cdef kc_bus_range *ranges = <kc_bus_range *>PyMem_Malloc(
+        max(len(checked), 1) * sizeof(kc_bus_range))
+    if ranges == NULL:
+        raise MemoryError()
+    try:
+        _fill_ranges(ranges, checked)
+        if new_size > 0xFFFFFFFF:
+            raise ValueError(f"zone size {new_size:#x} does not fit the ABI's u32")
+        return kc_bus_insert_position(ranges, len(checked), new_addr,
+                                      <int32_t><uint32_t>new_size)
+    finally:
+        PyMem_Free(ranges)
 
 
 cdef _ZoneTable _EMPTY_TABLE = _ZoneTable([])
@@ -117,37 +151,37 @@ cdef class _ZoneBus:
     def write(self, phys_addr, data, *, pio=False):
         """A guest store: True if coalesced into a zone's ring, False for the exit path.
 
-        Like the kernel's bus walk, the zones that contain the whole access
-        are tried in order (lowest address, then smallest size, first); a
-        zone whose ring is full or closed passes the write to the next one.
+        As the kernel's bus walk does: the zones the binary search offers
+        the write to are tried in bus order, and the first that holds the
+        whole access and whose ring has room takes it; a full or closed
+        ring passes it on to the next.
         """
         cdef kc_entry e
         cdef _ZoneTable table
-        cdef kc_zone *z
+        cdef kc_bus_range *z
         cdef Ring ring
-        cdef uint64_t end
-        cdef Py_ssize_t i
+        cdef ptrdiff_t idx
         cdef int rc, err = 0
         cdef bint must_wake
         cdef int epoch
         _fill_entry(&e, phys_addr, data, pio)
-        end = e.phys_addr + e.len
-        if end < e.phys_addr:  # the access wraps past 2**64: never in range
-            return False
         epoch = kc_grace_enter(&self._grace)
         try:
             table = self._pio if e.pio else self._mmio
-            for i in range(table.n):
-                z = &table.zones[i]
-                if e.phys_addr >= z.addr and end <= z.end:
-                    ring = <Ring>z.ring
-                    with nogil:
-                        rc = ring.produce(&e, &must_wake)
-                        if must_wake:
-                            err = ring.wake_consumer()
-                    check_wake(err)
-                    if rc == KC_PUSH_OK:
-                        return True
+            idx = kc_bus_first_dev(table.ranges, table.n, e.phys_addr, <int32_t>e.len)
+            while kc_bus_offers(table.ranges, table.n, idx, e.phys_addr, <int32_t>e.len):
+                z = &table.ranges[idx]
+                idx += 1
+                if not kc_zone_in_range(z, e.phys_addr, e.len):
+                    continue
+                ring = <Ring>z.target
+                with nogil:
+                    rc = ring.produce(&e, &must_wake)
+                    if must_wake:
+                        err = ring.wake_consumer()
+                check_wake(err)
+                if rc == KC_PUSH_OK:
+                    return True
             return False
         finally:
             kc_grace_exit(&self._grace, epoch)

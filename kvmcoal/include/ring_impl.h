@@ -79,6 +79,15 @@ typedef struct kc_ring {
      * race, it cannot close it (eventfd has no per-call non-blocking flag).
      */
     int efd_shared;
+    /*
+     * A router that owns some of the entries (kvmcoal.kvm's on real KVM: the
+     * kernel's one ring also carries the writes of zones bound to other
+     * buffers).  Every consumer call runs it first, under the consumer lock;
+     * it moves those entries out and returns how many at the head are this
+     * ring's to deliver, or -1 for all.  NULL: none.
+     */
+    int64_t (*route)(void *ctx);
+    void *route_ctx;
 } kc_ring;
 
 /* Number of slots a ring of nbytes holds, 0 if nbytes is too small. */

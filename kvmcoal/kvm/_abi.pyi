@@ -1,6 +1,7 @@
 """Type stubs of the compiled /dev/kvm ABI (kvmcoal.kvm._abi, from src/kvm_abi.pyx);
 kvmcoal.kvm is the public layer over it."""
 
+from kvmcoal.kvm._router import Router
 from typing import Any, Final, final
 
 from typing_extensions import Buffer
@@ -26,7 +27,7 @@ class KvmRunView:
 
     def __init__(self, mapping: Buffer) -> None: ...
     def release(self) -> None: ...
-    def enter(self, vcpufd: int) -> bool:
+    def enter(self, vcpufd: int, router: Router | None = None) -> bool:
         """KVM_RUN unless an exit is still pending; True when kvm_run holds an exit."""
     def delivered(self) -> None:
         """The pending exit is fully delivered: the next enter() runs the vCPU."""

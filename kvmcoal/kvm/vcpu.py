@@ -136,7 +136,7 @@ class Vcpu(OwnsFd, ModeSetup):
         """
         # fileno() each time round: a signal handler may have closed the vCPU.
         try:
-            while not self._run.enter(self.fileno()):
+            while not self._run.enter(self.fileno(), self.vm._routing):
                 pass
         except OSError as exc:
             if exc.errno != errno.ENOSPC:

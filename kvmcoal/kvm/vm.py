@@ -1,4 +1,10 @@
-"""The VM: its fd, guest memory, coalesced zones, vCPUs and the kernel's ring."""
+"""The VM: its fd, guest memory, coalesced zones and buffers, vCPUs and the kernel's ring.
+
+The v2 API (per-device buffers) is provided in userspace: every zone is an
+ordinary coalesced zone to the kernel, and the router
+(:mod:`kvmcoal.kvm._router`) moves the entries of buffer-bound zones from
+the kernel's ring into their buffers.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,14 @@ import threading
 import weakref
 from typing import TYPE_CHECKING
 
+from .. import _zone_bus
 from .._ring import Ring
+from ..buffers import CoalescedBuffer
 from ..errors import BufferForkedError, KvmcoalError, KvmUnavailableError, ZoneLimitError
+from ..registry import BusOrder, ZoneRegistry
 from ..zones import ZONE_LIMIT, Zone
 from . import _abi
+from ._router import Router
 from .fd import OwnsFd
 from .vcpu import Vcpu
 
@@ -36,11 +46,17 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class Vm(OwnsFd):
-    """A VM: guest memory, coalesced zones, vCPUs and the kernel's ring.
+class Vm(ZoneRegistry, OwnsFd):
+    """A VM: guest memory, coalesced zones and buffers, vCPUs and the kernel's ring.
 
     Thread-safe: vCPUs run on any threads; ``close()`` refuses while one
     is running (a guest must never write into memory that is unmapped).
+
+    Zones bound to buffers (:meth:`create_coalesced_buffer`,
+    :meth:`register_coalesced_mmio2`) have their entries moved by the
+    router into the buffers: after every KVM_RUN return on the vCPU's
+    thread, before any consumer call on :attr:`ring`, on :meth:`route`,
+    and, once started, on the watcher thread (:meth:`start_watcher`).
     """
 
     def __init__(self, kvm: Kvm) -> None:
@@ -67,6 +83,12 @@ class Vm(OwnsFd):
         self._next_vcpu_id = 0     # the kernel keeps an id once KVM_CREATE_VCPU took it
         self._ring: Ring | None = None
         self._ring_map: mmap.mmap | None = None
+        self._init_registry()
+        self._default_nbytes = mmap.PAGESIZE      # the kernel ring's size
+        # The router exists once the ring is mapped; vCPUs route through
+        # _routing, set once a zone is bound to a buffer.
+        self._router: Router | None = None
+        self._routing: Router | None = None
         # The ring's creation, vCPU creation and closing, memory, close().  Re-entrant:
         # a signal handler may close the VM in the middle of any of them.
         self._lock = threading.RLock()
@@ -79,6 +101,10 @@ class Vm(OwnsFd):
         # thread may hold them), and give the child fresh locks of its own.
         self._pid = -1
         self._lock = threading.RLock()
+        self._zones_lock = threading.RLock()
+        if self._router is not None:
+            self._router.forked()
+        self._routing = None
         for vcpu in self._vcpus:
             vcpu._run_lock = threading.RLock()
             vcpu._in_loop = False
@@ -132,35 +158,110 @@ class Vm(OwnsFd):
         raise ValueError(f"no memory slot backs [{guest_phys_addr:#x}, "
                          f"{guest_phys_addr + size:#x})")
 
-    def register_coalesced_mmio(self, zone: Zone) -> None:
-        """KVM_REGISTER_COALESCED_MMIO: the kernel coalesces guest writes in *zone*.
+    # -- zones (the registration rules are kvmcoal.registry's) --
 
-        Zones of 2 GiB or more are refused: the kernel registers them, but
-        compares lengths as an int when unregistering, so it could never
-        remove them again.
-        """
-        if isinstance(zone, Zone) and zone.size >= 1 << 31:
-            raise ValueError(f"{zone}: a zone of 2 GiB or more could never be unregistered "
-                             f"(the kernel compares its length as an int); split it")
-        self._zone_ioctl(True, zone)
+    def _check(self) -> None:
+        self.fileno()
+        if self._pid == -1:
+            raise BufferForkedError(
+                "this Vm was inherited across fork(): its zones and rings are the parent's; "
+                "use the VM in the process that created it")
 
-    def unregister_coalesced_mmio(self, zone: Zone) -> None:
-        """KVM_UNREGISTER_COALESCED_MMIO: remove every same-kind zone containing *zone*."""
-        self._zone_ioctl(False, zone)
-
-    def _zone_ioctl(self, register: bool, zone: Zone) -> None:
-        if not isinstance(zone, Zone):
-            raise TypeError(f"zone must be a kvmcoal.Zone, not {type(zone).__name__!r}")
+    def _apply(self, pio: bool, old: BusOrder, new: BusOrder, zone: Zone, added: bool) -> None:
+        if self._pid == -1 or self._fd < 0:
+            return        # a forked child's or a closing VM's buffer: the kernel is not ours
         if not self._ring_page:
             raise KvmUnavailableError("this kernel has no coalesced MMIO (KVM_CAP_COALESCED_MMIO)")
-        if zone.pio and not self._has_pio:
+        if pio and not self._has_pio:
             raise KvmUnavailableError("this kernel has no coalesced PIO (KVM_CAP_COALESCED_PIO)")
+        if added:
+            if zone.size >= 1 << 31:
+                raise ValueError(f"{zone}: a zone of 2 GiB or more could never be unregistered "
+                                 f"(the kernel compares its length as an int); split it")
+            # The router knows the zone before the kernel does: its first
+            # entry may be routed the moment the ioctl returns.
+            self._install(pio, new)
+            try:
+                self._zone_ioctl(True, zone)
+            except BaseException:
+                self._install(pio, old)
+                raise
+            return
+        # The kernel removes every zone containing *zone*; the router keeps
+        # the old tables for what is in its ring, then the collateral zones
+        # go back (see kvmcoal.registry).
+        self._zone_ioctl(False, zone)
+        self._install(pio, new)
+        for z, t in old:
+            if z.contains(zone.addr, zone.size) and any(z2 is z and t2 is t for z2, t2 in new):
+                self._zone_ioctl(True, z)
+
+    def _zone_ioctl(self, register: bool, zone: Zone) -> None:
         try:
             _abi.kvm_coalesced_zone(self.fileno(), register, zone.addr, zone.size, int(zone.pio))
         except OSError as exc:
             if register and exc.errno == errno.ENOSPC:   # the kernel's bus is full
                 raise ZoneLimitError(zone.pio, ZONE_LIMIT) from None
             raise
+
+    def _install(self, pio: bool, bus: BusOrder) -> None:
+        buses = dict(self._buses)
+        buses[pio] = bus
+        if self._router is None:
+            return
+        self._router.install(*(_zone_bus._ZoneTable(
+            [(z.addr, z.size, None if t is None else t._ring) for z, t in buses[p]])
+            for p in (False, True)))
+        if self._routing is None and any(t is not None for b in buses.values() for _, t in b):
+            self._router.attach()
+            self._routing = self._router
+
+    # -- the router --
+
+    def route(self) -> int:
+        """Move the kernel ring's entries of buffer-bound zones into their buffers now.
+
+        Returns how many entries a full buffer holds back in the kernel ring
+        (they move once its consumer makes room).  Routing also happens by
+        itself after every KVM_RUN, before every consumer call on
+        :attr:`ring`, and on the watcher.
+        """
+        self._check()
+        router = self._routing
+        return router.route() if router is not None else 0
+
+    def start_watcher(self, *, interval_us: int = 100, spin_us: int = 1000) -> None:
+        """Route on a thread of its own while the vCPUs run (no exit needed).
+
+        The thread, in C, makes a routing pass every *interval_us*
+        microseconds, sleeping between them, and passes without sleeping
+        for *spin_us* after one that moved entries: a buffer's poller learns
+        of a doorbell write within about *interval_us* (docs/WAKEUPS.md has
+        the measured latency and CPU cost).  Needs a vCPU (the kernel ring
+        is mapped through one).  Raises RuntimeError if already running.
+        """
+        for name, value in (("interval_us", interval_us), ("spin_us", spin_us)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__!r}")
+        if not 1 <= interval_us <= 10**7 or not 0 <= spin_us <= 10**7:
+            raise ValueError(f"interval_us must be 1..10**7 and spin_us 0..10**7 microseconds, "
+                             f"got {interval_us} and {spin_us}")
+        with self._lock:
+            self.ring      # maps it, and makes the router
+            assert self._router is not None
+            self._router.start_watcher(interval_us, spin_us)
+
+    def stop_watcher(self) -> None:
+        """Stop the watcher thread (and wait for it).  Idempotent."""
+        router = self._router
+        if router is not None and self._pid != -1:
+            router.stop_watcher()
+
+    @property
+    def watching(self) -> bool:
+        """Whether the watcher thread runs."""
+        router = self._router
+        return router is not None and router.watching
 
     def create_vcpu(self) -> Vcpu:
         """A new vCPU with the next free id."""
@@ -180,6 +281,8 @@ class Vm(OwnsFd):
                 raise
             vcpu = Vcpu(self, vcpu_id, fd)
             self._vcpus.append(vcpu)
+            if self._ring is None and self._ring_page:
+                self.ring       # mapped now: the router must see the first entry
         return vcpu
 
     @property
@@ -204,6 +307,9 @@ class Vm(OwnsFd):
                 self._ring_map = mmap.mmap(open_vcpus[0].fileno(), mmap.PAGESIZE,
                                            offset=self._ring_page * mmap.PAGESIZE)
                 self._ring = Ring(self._ring_map)
+                self._router = Router(self._ring)
+                with self._zones_lock:
+                    self._install(False, self._buses[False])
             return self._ring
 
     def close(self) -> None:
@@ -219,12 +325,21 @@ class Vm(OwnsFd):
         if ring is not None and ring._consuming_here():
             raise RuntimeError("Vm.close() called from a handler of a drain of its ring: "
                                "close the VM after the drain returns")
+        buffers: list[CoalescedBuffer] = []
         with self._lock:
             claimed: list[Vcpu] = []
             try:
                 for vcpu in self._vcpus:
                     vcpu._claim("close its Vm")
                     claimed.append(vcpu)
+                # No vCPU runs: stop the watcher and the router, then the
+                # buffers go (their zones go with the VM fd).
+                router, self._router, self._routing = self._router, None, None
+                if router is not None and self._pid != -1:
+                    router.stop()
+                with self._zones_lock:
+                    buffers = list(self._buffers)
+                    self._buses = {False: [], True: []}
                 ring, self._ring = self._ring, None
                 ring_map, self._ring_map = self._ring_map, None
                 for vcpu in self._vcpus:
@@ -245,7 +360,10 @@ class Vm(OwnsFd):
                 for vcpu in claimed:
                     vcpu._run_lock.release()
         # Outside the lock: release() waits for a drain in progress on another
-        # thread, whose handlers may call into this VM (and find it closed).
+        # thread, whose handlers may call into this VM (and find it closed);
+        # so does a buffer's close().
+        for buf in buffers:
+            buf.close()
         if ring is not None:
             ring.release()
         if ring_map is not None:

@@ -1,0 +1,45 @@
+# The C-level interface of kvmcoal.kvm._router, for the vCPU's KVM_RUN path
+# (kvmcoal.kvm._abi routes after every KVM_RUN return, without the GIL).
+cimport cython
+from cpython.object cimport PyObject
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+
+from kvmcoal._ring cimport Ring, kc_entry
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+
+cdef struct kc_epoch:
+    uint64_t until            # entries numbered below this use these tables
+    PyObject *mmio            # borrowed _ZoneTable: Router._tables holds them
+    PyObject *pio
+
+
+@cython.final
+cdef class Router:
+    cdef Ring kring
+    cdef list _tables
+    # Scratch for a pass: the slots of Vm.ring's entries it found.
+    cdef uint32_t *kept
+    # Zone tables by entry number (an entry is numbered as the router reaches
+    # it); the last has until = 2**64 - 1.
+    cdef kc_epoch *epochs
+    cdef Py_ssize_t n_epochs, epoch_cap, first_epoch
+    # [first, head) of the kernel ring: Vm.ring's entries, routed already.
+    cdef uint32_t head
+    cdef uint64_t processed
+    cdef readonly uint32_t held
+    cdef readonly uint64_t routed
+    cdef int wake_error
+    cdef bint active
+    # The watcher thread.
+    cdef readonly bint watching
+    cdef pthread_t thread
+    cdef int stopping
+    cdef long long interval_ns, spin_ns
+    cdef readonly uint64_t passes
+
+    cdef int64_t route_locked(self) noexcept nogil
+    cdef size_t _push(self, void *target, kc_entry *batch, size_t n) noexcept nogil
+    cdef int route_nogil(self) noexcept nogil
+    cdef void watch(self) noexcept nogil

@@ -1,0 +1,41 @@
+"""Type stubs of the v2 API's router on real KVM (kvmcoal.kvm._router, from src/router.pyx).
+
+kvmcoal.kvm.Vm makes and drives it; see its docstring and docs/WAKEUPS.md.
+"""
+
+from typing import final
+
+from kvmcoal._ring import Ring
+from kvmcoal._zone_bus import _ZoneTable
+
+
+@final
+class Router:
+    """Moves the kernel ring's entries of buffer-bound zones into their buffers."""
+
+    held: int
+    """Entries the last pass left in the kernel ring behind a full buffer."""
+    routed: int
+    """Entries moved into buffers so far."""
+    watching: bool
+    """Whether the watcher thread runs."""
+    passes: int
+    """Passes the watcher made (idle ones included)."""
+
+    def __init__(self, kernel_ring: Ring) -> None: ...
+    def route(self) -> int:
+        """Route now; how many entries a full buffer still holds back."""
+    def check(self) -> None:
+        """Raise the OSError of a buffer wakeup that failed since the last check."""
+    def install(self, mmio: _ZoneTable, pio: _ZoneTable) -> None:
+        """Route entries written from here on with these tables."""
+    def attach(self) -> None:
+        """Make the kernel ring's consumer calls route first."""
+    def stop(self) -> None:
+        """No more passes: stops the watcher and detaches from the ring."""
+    def forked(self) -> None:
+        """In a forked child: the watcher is not here, the ring is the parent's."""
+    def start_watcher(self, interval_us: int, spin_us: int) -> None:
+        """Start the watcher thread."""
+    def stop_watcher(self) -> None:
+        """Stop the watcher thread and wait for it.  Idempotent."""

@@ -1,0 +1,399 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The router of the v2 API on real KVM, in C (kvmcoal.kvm._router).
+
+Linux has one coalesced ring per VM.  kvmcoal registers every zone with the
+kernel as an ordinary coalesced zone and the router moves each entry of a
+zone bound to a buffer out of the kernel's ring into that buffer's ring (and
+wakes the buffer's consumer); entries of zones without a buffer stay in the
+kernel's ring, which stays ``Vm.ring``.  Which zone an entry belongs to is
+the kernel's own bus walk over the zones (src/io_bus.h).
+
+It runs without the GIL and touches no Python object: on the vCPU thread
+after every KVM_RUN, on the watcher thread (a plain pthread) while the
+vCPUs run, and first thing in every consumer call on ``Vm.ring``, always
+under the kernel ring's consumer lock.
+
+Entries of zones without a buffer are compacted towards the entries still
+to be routed, so that the kernel ring's head holds only ``Vm.ring``'s own
+entries, in order; the ring's consumer calls deliver only those (the
+router tells them how many).  A full buffer stops the pass at its entry:
+everything behind it waits in the kernel ring (which then fills, and the
+guest falls back to exits), so no buffer ever sees its entries out of order.
+"""
+
+cimport cython
+from cpython.mem cimport PyMem_RawMalloc, PyMem_RawRealloc, PyMem_RawFree
+from cpython.object cimport PyObject
+from cpython.exc cimport PyErr_SetFromErrno
+from libc.errno cimport errno
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+from kvmcoal._ring cimport (Ring, kc_entry, kc_ring, KC_OK, KC_ENTRY_SIZE, KC_HEADER_SIZE, KC_PUSH_OK,
+                            KC_PUSH_RELEASED, kc_ring_begin, kc_ring_read, kc_ring_next,
+                            kc_ring_publish_first, kc_ring_peek_first, kc_ring_peek_last,
+                            pthread_mutex_trylock, pthread_mutex_unlock, check_wake,
+                            kc_thread_ident)
+from kvmcoal._zone_bus cimport _ZoneTable, kc_bus_range, kc_bus_find, kc_zone_in_range
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_create(pthread_t *thread, const void *attr, void *(*start)(void *) noexcept nogil,
+                       void *arg)
+    int pthread_join(pthread_t thread, void **retval)
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int CLOCK_MONOTONIC
+    int clock_gettime(int clk, timespec *ts)
+    int nanosleep(const timespec *req, timespec *rem)
+
+cdef extern from *:
+    """
+    static inline void kc_cpu_relax(void) {
+    #if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+    #endif
+    }
+    static inline int kc_load_int(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void kc_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    """
+    void kc_cpu_relax() nogil
+    int kc_load_int(const int *p) nogil
+    void kc_store_int(int *p, int v) nogil
+
+from cpython.ref cimport Py_INCREF, Py_DECREF
+
+
+# Entries pushed into one buffer with one lock and one wakeup.
+DEF BATCH = 64
+cdef uint64_t _FOREVER = 0xFFFFFFFFFFFFFFFF
+
+
+cdef inline uint32_t _dist(uint32_t a, uint32_t b, uint32_t max) noexcept nogil:
+    """Slots from a forward to b in a ring of max slots."""
+    return b - a if b >= a else max - a + b
+
+
+cdef int64_t _route_hook(void *ctx) noexcept nogil:
+    # Ring's consumer calls run it under the consumer lock.
+    return (<Router>ctx).route_locked()
+
+
+cdef void *_watch(void *arg) noexcept nogil:
+    (<Router>arg).watch()
+    return NULL
+
+
+@cython.final
+cdef class Router:
+    """Moves the kernel ring's entries of buffer-bound zones into their buffers.
+
+    Made by kvmcoal.kvm.Vm; the methods here are its plumbing.
+    """
+
+    def __cinit__(self, Ring kernel_ring):
+        self.kring = kernel_ring
+        self._tables = []
+        self.kept = <uint32_t *>PyMem_RawMalloc(kernel_ring._r.max * sizeof(uint32_t))
+        self.epochs = <kc_epoch *>PyMem_RawMalloc(4 * sizeof(kc_epoch))
+        if self.kept == NULL or self.epochs == NULL:
+            raise MemoryError()
+        self.epoch_cap = 4
+        empty = _ZoneTable([])
+        self._tables.append(empty)
+        self.epochs[0].until = _FOREVER
+        self.epochs[0].mmio = <PyObject *>empty
+        self.epochs[0].pio = <PyObject *>empty
+        self.n_epochs = 1
+        self.head = kc_ring_peek_first(&kernel_ring._r)
+        self.active = True
+
+    def __dealloc__(self):
+        if self.kring is not None and self.kring._r.route_ctx == <void *>self:
+            self.kring._r.route = NULL
+            self.kring._r.route_ctx = NULL
+        PyMem_RawFree(self.kept)
+        PyMem_RawFree(self.epochs)
+
+    # -- the pass --
+
+    cdef int64_t route_locked(self) noexcept nogil:
+        """One routing pass; the caller holds the kernel ring's consumer lock.
+
+        Returns how many entries at the kernel ring's head are its own
+        (Vm.ring's), or -1 to let the consumer look at the head itself (a
+        corrupt entry or index there, which its own checks report).
+        """
+        cdef kc_ring *kr = &self.kring._r
+        cdef uint32_t first, bad = 0, idx, h, dst, src
+        cdef int64_t pending = kc_ring_begin(kr, &first, &bad)
+        cdef uint32_t kept_before, n_new, k, nk = 0, stop, batch_start = 0, nb = 0, j
+        cdef uint64_t seq
+        cdef Py_ssize_t ep
+        cdef kc_entry e
+        cdef kc_entry batch[BATCH]
+        cdef void *target
+        cdef void *btarget = NULL
+        cdef const kc_bus_range *hit = NULL
+        cdef PyObject *hit_table = NULL
+        cdef PyObject *tp
+        cdef bint corrupt = False
+        cdef size_t done
+        if pending < 0 or not self.active or not self.kring._live:
+            return -1
+        kept_before = _dist(first, self.head, kr.max)
+        if kept_before > <uint32_t>pending:   # reset() or another consumer moved first
+            self.head = first
+            kept_before = 0
+        n_new = <uint32_t>pending - kept_before
+        idx = self.head
+        stop = n_new
+        ep = self.first_epoch
+        for k in range(n_new):
+            if kc_ring_read(kr, idx, &e, &bad) != KC_OK:
+                stop = k
+                corrupt = True
+                break
+            seq = self.processed + k
+            while self.epochs[ep].until <= seq:
+                ep += 1
+            tp = self.epochs[ep].pio if e.pio else self.epochs[ep].mmio
+            if (hit != NULL and tp == hit_table and (<_ZoneTable>tp).disjoint
+                    and kc_zone_in_range(hit, e.phys_addr, e.len)):
+                target = hit.target
+            else:
+                hit = kc_bus_find((<_ZoneTable>tp).ranges, (<_ZoneTable>tp).n,
+                                  e.phys_addr, e.len)
+                hit_table = tp
+                target = hit.target if hit != NULL else NULL
+            if nb and (target != btarget or nb == BATCH):
+                done = self._push(btarget, batch, nb)
+                if done < nb:
+                    stop = batch_start + <uint32_t>done
+                    nb = 0
+                    break
+                nb = 0
+            if target == NULL:      # no buffer: the entry is Vm.ring's
+                self.kept[nk] = idx
+                nk += 1
+            else:
+                if nb == 0:
+                    batch_start = k
+                    btarget = target
+                memcpy(&batch[nb], &e, KC_ENTRY_SIZE)
+                nb += 1
+            idx = kc_ring_next(kr, idx)
+        if nb:
+            done = self._push(btarget, batch, nb)
+            if done < nb:
+                stop = batch_start + <uint32_t>done
+        # Vm.ring's entries, old and new, move (in order) to end where the
+        # pass stopped: from the last backwards, each to a slot at or after
+        # its own, so none is overwritten before it has moved.
+        h = (self.head + stop) % kr.max
+        dst = h
+        for j in range(nk, 0, -1):
+            dst = (dst + kr.max - 1) % kr.max
+            src = self.kept[j - 1]
+            if src != dst:
+                memcpy(kr.base + KC_HEADER_SIZE + <size_t>dst * KC_ENTRY_SIZE,
+                       kr.base + KC_HEADER_SIZE + <size_t>src * KC_ENTRY_SIZE, KC_ENTRY_SIZE)
+        for j in range(kept_before, 0, -1):
+            dst = (dst + kr.max - 1) % kr.max
+            src = (first + j - 1) % kr.max
+            if src != dst:
+                memcpy(kr.base + KC_HEADER_SIZE + <size_t>dst * KC_ENTRY_SIZE,
+                       kr.base + KC_HEADER_SIZE + <size_t>src * KC_ENTRY_SIZE, KC_ENTRY_SIZE)
+        if dst != first:
+            kc_ring_publish_first(kr, dst)
+        self.head = h
+        self.processed += stop
+        self.held = n_new - stop
+        while self.first_epoch + 1 < self.n_epochs and \
+                self.epochs[self.first_epoch].until <= self.processed:
+            self.first_epoch += 1
+        if corrupt and kept_before + nk == 0:
+            return -1
+        return kept_before + nk
+
+    cdef size_t _push(self, void *target, kc_entry *batch, size_t n) noexcept nogil:
+        """Push a run of entries into one buffer's ring; how many it took.
+
+        A closed buffer takes them all (they go with it, as a closed
+        buffer's pending entries do); a full one stops the pass.
+        """
+        cdef int status = KC_OK, err
+        cdef bint must_wake = False
+        cdef size_t done = (<Ring>target).produce_many(batch, n, &status, &must_wake)
+        if must_wake:
+            err = (<Ring>target).wake_consumer()
+            if err:
+                self.wake_error = err
+        if done < n and status == KC_PUSH_RELEASED:
+            return n
+        self.routed += done
+        return done
+
+    cdef int route_nogil(self) noexcept nogil:
+        """A pass from a vCPU thread: takes the consumer lock (unless this
+        thread holds it already: a handler of a Vm.ring consumer)."""
+        cdef int entered
+        if not self.active:
+            return 0
+        entered = self.kring._enter_consumer_nogil()
+        if entered < 0:
+            return 0
+        self.route_locked()
+        if entered:
+            self.kring._exit_consumer()
+        return 0
+
+    def route(self):
+        """Route now; returns how many entries a full buffer still holds back."""
+        if not self.active:
+            return 0
+        with nogil:
+            self.route_nogil()
+        self.check()
+        return self.held
+
+    def check(self):
+        """Raise the OSError of a buffer wakeup that failed since the last check."""
+        cdef int err = self.wake_error
+        if err:
+            self.wake_error = 0
+            check_wake(err)
+
+    # -- zone tables --
+
+    def install(self, _ZoneTable mmio, _ZoneTable pio):
+        """Route entries from here on with these tables; the ones already in the
+        kernel ring keep the tables that were in force when they were written.
+
+        Call it before registering a zone with the kernel (the new tables
+        hold every zone the old ones did) and after unregistering one.
+        """
+        cdef int entered
+        cdef kc_epoch *grown = NULL
+        cdef kc_epoch *old = NULL
+        cdef Py_ssize_t i, keep
+        self._tables.append(mmio)
+        self._tables.append(pio)
+        if self.n_epochs == self.epoch_cap:
+            grown = <kc_epoch *>PyMem_RawMalloc(2 * self.epoch_cap * sizeof(kc_epoch))
+            if grown == NULL:
+                raise MemoryError()
+        # Under the consumer lock: a pass reads the epochs.
+        with nogil:
+            entered = self.kring._enter_consumer_nogil()
+            if grown != NULL:
+                memcpy(grown, self.epochs, self.n_epochs * sizeof(kc_epoch))
+                old, self.epochs = self.epochs, grown
+                self.epoch_cap *= 2
+            # Everything in the kernel ring now was written under the old tables.
+            self.epochs[self.n_epochs - 1].until = self.processed + (
+                _dist(self.head, kc_ring_peek_last(&self.kring._r), self.kring._r.max)
+                if entered >= 0 else 0)
+            self.epochs[self.n_epochs].until = _FOREVER
+            self.epochs[self.n_epochs].mmio = <PyObject *>mmio
+            self.epochs[self.n_epochs].pio = <PyObject *>pio
+            self.n_epochs += 1
+            # Forget the epochs no entry can use any more.
+            while self.first_epoch + 1 < self.n_epochs and \
+                    self.epochs[self.first_epoch].until <= self.processed:
+                self.first_epoch += 1
+            keep = self.n_epochs - self.first_epoch
+            for i in range(keep):
+                self.epochs[i] = self.epochs[self.first_epoch + i]
+            self.n_epochs = keep
+            self.first_epoch = 0
+            if entered > 0:
+                self.kring._exit_consumer()
+        PyMem_RawFree(old)
+        live = set()
+        for i in range(self.n_epochs):
+            live.add(<object>self.epochs[i].mmio)
+            live.add(<object>self.epochs[i].pio)
+        self._tables = [t for t in self._tables if t in live]
+
+    def attach(self):
+        """Make Vm.ring's consumer calls route first."""
+        self.kring._r.route_ctx = <void *>self
+        self.kring._r.route = _route_hook
+
+    def stop(self):
+        """For good: no more passes (the VM closes, or this is a forked child)."""
+        cdef int entered
+        self.stop_watcher()
+        with nogil:
+            entered = self.kring._enter_consumer_nogil()
+        self.active = False
+        if self.kring._r.route_ctx == <void *>self:
+            self.kring._r.route = NULL
+            self.kring._r.route_ctx = NULL
+        if entered > 0:
+            self.kring._exit_consumer()
+
+    def forked(self):
+        """In a forked child: the watcher thread is not here, the ring is the parent's."""
+        self.watching = False
+        self.active = False
+
+    # -- the watcher --
+
+    def start_watcher(self, long interval_us, long spin_us):
+        """Start the watcher thread: a pass every *interval_us* while idle,
+        continuous passes for *spin_us* after one that moved entries."""
+        cdef int rc
+        if self.watching:
+            raise RuntimeError("the watcher is already running")
+        self.interval_ns = interval_us * 1000
+        self.spin_ns = spin_us * 1000
+        self.stopping = 0
+        # The thread holds the router (it touches no Python object, so the
+        # reference is taken for it here and dropped by stop_watcher).
+        Py_INCREF(self)
+        rc = pthread_create(&self.thread, NULL, _watch, <void *>self)
+        if rc:
+            Py_DECREF(self)
+            errno = rc
+            PyErr_SetFromErrno(OSError)
+        self.watching = True
+
+    def stop_watcher(self):
+        """Stop the watcher thread and wait for it.  Idempotent."""
+        if not self.watching:
+            return
+        kc_store_int(&self.stopping, 1)
+        with nogil:
+            pthread_join(self.thread, NULL)
+        self.watching = False
+        Py_DECREF(self)
+
+    cdef void watch(self) noexcept nogil:
+        cdef timespec now, pause
+        cdef long long busy_until = 0, t
+        cdef uint64_t before
+        pause.tv_sec = self.interval_ns // 1000000000
+        pause.tv_nsec = self.interval_ns % 1000000000
+        while not kc_load_int(&self.stopping):
+            self.passes += 1
+            before = self.routed
+            # trylock: a consumer holding the lock routed when it began, and
+            # blocking here would tie the watcher to its handlers.
+            if self.active and pthread_mutex_trylock(&self.kring._lock) == 0:
+                if self.kring._live:
+                    self.kring._owner = kc_thread_ident()
+                    self.route_locked()
+                self.kring._exit_consumer()
+            clock_gettime(CLOCK_MONOTONIC, &now)
+            t = now.tv_sec * 1000000000LL + now.tv_nsec
+            if self.routed != before:
+                busy_until = t + self.spin_ns
+            if t < busy_until:
+                kc_cpu_relax()
+            else:
+                nanosleep(&pause, NULL)
