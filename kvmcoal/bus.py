@@ -219,7 +219,7 @@ class Bus:
                 create = getattr(producer, "create_coalesced_buffer", None)
                 if create is None:
                     raise BusError(f"{type(producer).__name__} has no per-device buffers "
-                                   f"(the v2 API); use an EmulatedVm")
+                                   f"(the v2 API); use an EmulatedVm or a kvmcoal.kvm.Vm")
                 mapping.buffer = create()
                 try:
                     producer.register_coalesced_mmio2(zone, mapping.buffer)  # type: ignore[attr-defined]
@@ -389,6 +389,10 @@ class Bus:
 
     def _flush_locked(self, ring: Ring) -> int:
         self._flushing.active = True
+        # On real KVM, ring.consume() first routes the kernel ring: entries a
+        # full buffer held back move once draining it made room, so the loop
+        # ends with the kernel ring empty (or holding only entries for a
+        # buffer that is not this bus's).
         try:
             delivered = 0
             while True:   # writes made during the replay are flushed too

@@ -17,7 +17,7 @@ from kvmcoal import EmulatedVm, Entry, kvm
 CODE = 0x1000
 RAM = 0x40000             # guest RAM [0, RAM); zones live above it
 RECORDS = 0x10000         # where each vCPU's records start (a 0x8000 slice per vCPU)
-SLICE = 0x8000
+SLICE = 0x8000           # 1365 records
 _RECORD = struct.Struct("<QQII")
 SPIN = 2                  # the script guest's busy-loop record kind
 
@@ -74,7 +74,8 @@ class KvmMachine:
             self.vcpus.append(self.vm.create_vcpu())
         return self.vcpus[cpu]
 
-    def run(self, writes: list[Write], cpu: int = 0) -> list[Write]:
+    def load(self, writes: list[Write], cpu: int = 0) -> kvm.Vcpu:
+        """vCPU *cpu*, set up to make *writes* when it runs next."""
         assert writes and len(writes) * _RECORD.size <= SLICE
         base = RECORDS + cpu * SLICE
         for i, w in enumerate(writes):
@@ -83,6 +84,10 @@ class KvmMachine:
         vcpu = self.vcpu(cpu)
         # Each vCPU its own page tables (they are rewritten on every set-up).
         vcpu.setup_long_mode(CODE, page_tables=0x4000 + cpu * 0x3000, rsi=base, rcx=len(writes))
+        return vcpu
+
+    def run(self, writes: list[Write], cpu: int = 0) -> list[Write]:
+        vcpu = self.load(writes, cpu)
         exits = []
         while True:
             exit_ = vcpu.run()

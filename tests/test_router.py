@@ -1,0 +1,170 @@
+"""The router on real KVM: what stays in Vm.ring, holding back behind a full
+buffer, the Bus over a kvm.Vm with own buffers, the watcher, fork and close."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from kvmcoal import Bus, BufferForkedError, RingCorruptedError, Zone, kvm
+from kvmcoal.devices import Doorbell, FunctionDevice
+
+from .machines import KvmMachine, Write, entries, spin
+
+pytestmark = pytest.mark.kvm
+
+BUF_ZONE = Zone(0x100000, 0x1000)
+VM_ZONE = Zone(0x200000, 0x1000)
+
+
+@pytest.fixture
+def machine():
+    reason = kvm.why_unavailable()
+    if reason is not None:
+        pytest.skip(f"/dev/kvm is not usable here: {reason}")
+    with kvm.Kvm() as k:
+        m = KvmMachine(k.create_vm())
+        yield m
+        m.close()
+
+
+def at(zone: Zone, i: int, size: int = 4) -> Write:
+    addr = zone.addr + (4 * i) % zone.size
+    return Write(addr, size, ((addr << 8) | i) & ((1 << (8 * size)) - 1))
+
+
+def test_vm_ring_keeps_only_its_zones_entries_in_order(machine):
+    vm = machine.vm
+    buf = vm.create_coalesced_buffer()
+    vm.register_coalesced_mmio(VM_ZONE)
+    vm.register_coalesced_mmio2(BUF_ZONE, buf)
+    writes = [at(VM_ZONE if i % 3 else BUF_ZONE, i) for i in range(150)]
+    assert machine.run(writes) == []
+    assert len(vm.ring) == 100
+    assert entries(vm.ring) == [w for w in writes if w.addr >= VM_ZONE.addr]
+    assert entries(buf.ring) == [w for w in writes if w.addr < VM_ZONE.addr]
+
+
+def test_a_full_buffer_holds_routing_back_in_order(machine):
+    vm = machine.vm
+    buf = vm.create_coalesced_buffer()
+    vm.register_coalesced_mmio(VM_ZONE)
+    vm.register_coalesced_mmio2(BUF_ZONE, buf)
+    cap = buf.ring.capacity
+    fill = [at(BUF_ZONE, i) for i in range(cap)]
+    assert machine.run(fill) == []
+    more = [at(BUF_ZONE, cap), at(VM_ZONE, 1000), at(BUF_ZONE, cap + 1), at(VM_ZONE, 1001)]
+    assert machine.run(more) == []
+    # The buffer is full: everything behind its next entry waits, Vm.ring's too.
+    assert vm.route() == 4
+    assert len(vm.ring) == 0
+    assert entries(buf.ring) == fill
+    assert vm.route() == 0
+    assert entries(vm.ring) == [more[1], more[3]]
+    assert entries(buf.ring) == [more[0], more[2]]
+
+
+def test_the_bus_delivers_every_write_in_order_through_a_full_buffer(machine):
+    """More writes than the buffer and the kernel ring hold, with no poller:
+    the exits' flushes deliver everything, per device in guest order."""
+    vm = machine.vm
+    fast, slow = [], []
+    bus = Bus(vm)
+    bus.map(FunctionDevice(write=lambda o, s, v: fast.append(v)), BUF_ZONE.addr, BUF_ZONE.size,
+            coalesced=True, own_buffer=True)
+    bus.map(FunctionDevice(write=lambda o, s, v: slow.append(v)), VM_ZONE.addr, VM_ZONE.size,
+            coalesced=True)
+    writes = [at(BUF_ZONE if i % 4 else VM_ZONE, i) for i in range(1000)]
+    vcpu = machine.load(writes)
+    assert isinstance(bus.run(vcpu), kvm.HltExit)
+    bus.flush()
+    assert fast == [w.value for w in writes if w.addr < VM_ZONE.addr]
+    assert slow == [w.value for w in writes if w.addr >= VM_ZONE.addr]
+    assert vcpu.exit_count > 1                      # the rings filled: writes exited
+    bus.close()
+
+
+def test_a_doorbell_on_its_own_buffer_served_by_a_poller(machine):
+    vm = machine.vm
+    machine.vcpu(0)
+    bus = Bus(vm)
+    bell = Doorbell()
+    bus.map(bell, BUF_ZONE.addr, 4, coalesced=True, own_buffer=True)
+    bus.start_pollers()
+    vm.start_watcher(interval_us=50)
+    try:
+        done = threading.Event()
+        runner = threading.Thread(target=lambda: (machine.run([at(BUF_ZONE, 0, 4),
+                                                               spin(2_000_000)]), done.set()))
+        runner.start()
+        assert bell.event.wait(60)
+        assert not done.is_set(), "the poller was woken only after the guest finished"
+        runner.join(60)
+    finally:
+        vm.stop_watcher()
+        bus.close()
+    assert bell.requests == [at(BUF_ZONE, 0, 4).value]
+
+
+def test_watcher_arguments_and_lifetime(machine):
+    vm = machine.vm
+    with pytest.raises(ValueError, match="create one first"):
+        vm.start_watcher()
+    machine.vcpu(0)
+    with pytest.raises(TypeError, match="interval_us must be an int"):
+        vm.start_watcher(interval_us=1.5)
+    with pytest.raises(ValueError, match="interval_us must be 1"):
+        vm.start_watcher(interval_us=0)
+    vm.start_watcher()
+    assert vm.watching
+    with pytest.raises(RuntimeError, match="already running"):
+        vm.start_watcher()
+    vm.stop_watcher()
+    vm.stop_watcher()
+    assert not vm.watching
+    vm.start_watcher()
+    buf = vm.create_coalesced_buffer()
+    vm.close()                      # stops the watcher, closes the buffers
+    assert not vm.watching and buf.closed
+
+
+def test_a_forked_child_cannot_route_the_parents_entries(machine):
+    vm = machine.vm
+    buf = vm.create_coalesced_buffer()
+    vm.register_coalesced_mmio2(BUF_ZONE, buf)
+    vm.register_coalesced_mmio(VM_ZONE)
+    assert machine.run([at(VM_ZONE, 0)]) == []
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        for attempt in (vm.route, lambda: vm.ring, lambda: buf.ring,
+                        lambda: vm.register_coalesced_mmio2(Zone(0x300000, 8), buf)):
+            try:
+                attempt()
+                code = 1
+            except BufferForkedError:
+                pass
+        buf.close()              # closing the inherited buffer changes nothing of the parent's
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert vm.zones == [(BUF_ZONE, buf), (VM_ZONE, None)]
+    assert machine.run([at(BUF_ZONE, 1)]) == []
+    assert entries(buf.ring) == [at(BUF_ZONE, 1)]
+    assert entries(vm.ring) == [at(VM_ZONE, 0)]
+
+
+def test_a_corrupted_kernel_ring_is_reported_not_routed(machine):
+    vm = machine.vm
+    buf = vm.create_coalesced_buffer()
+    vm.register_coalesced_mmio2(BUF_ZONE, buf)
+    machine.vcpu(0)
+    vm._ring_map[0:4] = (0xFFFF).to_bytes(4, "little")     # first: out of range
+    assert vm.route() == 0
+    with pytest.raises(RingCorruptedError):
+        vm.ring.drain()
+    vm._ring_map[0:8] = bytes(8)
+    assert machine.run([at(BUF_ZONE, 0)]) == []
+    assert entries(buf.ring) == [at(BUF_ZONE, 0)]
