@@ -69,6 +69,8 @@ cdef extern from "ring_impl.h" nogil:
     int kc_ring_notify_consumer_idle(const kc_ring *r)
     int kc_wait_readable(int efd, int timeout_ms)
     size_t kc_records_first_bad(const void *records, size_t n, uint32_t *len, uint32_t *pio)
+    void kc_record_fields(const unsigned char *rec, uint32_t *len, uint32_t *pio)
+    uint32_t kc_fields_bad(uint32_t len, uint32_t pio)
     size_t kc_ring_push_records(const kc_ring *r, const void *records, size_t n,
                                 int legacy_full_check, int *status)
 

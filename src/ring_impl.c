@@ -72,10 +72,9 @@ int kc_ring_push(const kc_ring *r, uint64_t phys_addr, const void *data, uint32_
     return KC_PUSH_OK;
 }
 
-size_t kc_ring_push_records(const kc_ring *r, const void *records, size_t n,
-                            int legacy_full_check, int *status)
+static size_t kc_push_records_one_by_one(const kc_ring *r, const unsigned char *src, size_t n,
+                                         int legacy_full_check, int *status)
 {
-    const unsigned char *src = records;
     uint32_t bad;
     size_t done;
 
@@ -92,6 +91,52 @@ size_t kc_ring_push_records(const kc_ring *r, const void *records, size_t n,
             break;
     }
     return done;
+}
+
+size_t kc_ring_push_records(const kc_ring *r, const void *records, size_t n,
+                            int legacy_full_check, int *status)
+{
+    const unsigned char *src = records;
+    uint32_t insert = __atomic_load_n(kc_last_ptr(r), __ATOMIC_RELAXED);
+    uint32_t first = __atomic_load_n(kc_first_ptr(r), __ATOMIC_ACQUIRE);
+    uint32_t room, len, pio, bad;
+    size_t take, head, i;
+
+    /*
+     * The old full check, and a first that is out of range (which the
+     * kernel only compares: it never stops a push), keep the exact
+     * record-by-record semantics.  Otherwise: one copy of as many records
+     * as fit, checked where they landed, past last (no consumer reads
+     * there yet), and one publication of last.
+     */
+    if (insert >= r->max) {
+        *status = KC_PUSH_BAD_LAST;
+        return 0;
+    }
+    if (legacy_full_check || first >= r->max)
+        return kc_push_records_one_by_one(r, src, n, legacy_full_check, status);
+    room = first > insert ? first - insert - 1 : r->max - 1 - (insert - first);
+    take = n < room ? n : room;
+    head = r->max - insert;
+    if (head > take)
+        head = take;
+    /* memmove: a caller may hand over records that overlap the ring. */
+    memmove(kc_slot(r, insert), src, head * KC_ENTRY_SIZE);
+    memmove(kc_slot(r, 0), src + head * KC_ENTRY_SIZE, (take - head) * KC_ENTRY_SIZE);
+    *status = take < n ? KC_PUSH_FULL : KC_OK;
+    for (i = 0; i < take; i++) {
+        unsigned char *slot = kc_slot(r, i < head ? insert + (uint32_t)i : (uint32_t)(i - head));
+        kc_record_fields(slot, &len, &pio);
+        if (__builtin_expect(kc_fields_bad(len, pio), 0)) {
+            *status = kc_check_copy(len, pio, &bad);
+            take = i;
+            break;
+        }
+        /* As kc_ring_push leaves them: no stale bytes past len. */
+        kc_mask_data(slot + offsetof(kc_entry, data), len);
+    }
+    __atomic_store_n(kc_last_ptr(r), (uint32_t)((insert + take) % r->max), __ATOMIC_RELEASE);
+    return take;
 }
 
 size_t kc_records_first_bad(const void *records, size_t n, uint32_t *len, uint32_t *pio)

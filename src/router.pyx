@@ -29,7 +29,8 @@ from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from kvmcoal._ring cimport (Ring, kc_entry, kc_ring, KC_OK, KC_ENTRY_SIZE, KC_HEADER_SIZE, KC_PUSH_OK,
+from kvmcoal._ring cimport (Ring, kc_entry, kc_ring, KC_OK, KC_ENTRY_SIZE, KC_HEADER_SIZE,
+                            kc_record_fields, kc_fields_bad, KC_PUSH_OK,
                             KC_PUSH_RELEASED, kc_ring_begin, kc_ring_read, kc_ring_next,
                             kc_ring_publish_first, kc_ring_peek_first, kc_ring_peek_last,
                             pthread_mutex_trylock, pthread_mutex_unlock, check_wake,
@@ -47,6 +48,7 @@ cdef extern from "<time.h>" nogil:
         time_t tv_sec
         long tv_nsec
     int CLOCK_MONOTONIC
+    int CLOCK_THREAD_CPUTIME_ID
     int clock_gettime(int clk, timespec *ts)
     int nanosleep(const timespec *req, timespec *rem)
 
@@ -67,8 +69,6 @@ cdef extern from *:
 from cpython.ref cimport Py_INCREF, Py_DECREF
 
 
-# Entries pushed into one buffer with one lock and one wakeup.
-DEF BATCH = 64
 cdef uint64_t _FOREVER = 0xFFFFFFFFFFFFFFFF
 
 
@@ -108,7 +108,7 @@ cdef class Router:
         self.epochs[0].mmio = <PyObject *>empty
         self.epochs[0].pio = <PyObject *>empty
         self.n_epochs = 1
-        self.head = kc_ring_peek_first(&kernel_ring._r)
+        self.head = self.kept_first = kc_ring_peek_first(&kernel_ring._r)
         self.active = True
 
     def __dealloc__(self):
@@ -131,10 +131,11 @@ cdef class Router:
         cdef uint32_t first, bad = 0, idx, h, dst, src
         cdef int64_t pending = kc_ring_begin(kr, &first, &bad)
         cdef uint32_t kept_before, n_new, k, nk = 0, stop, batch_start = 0, nb = 0, j
-        cdef uint64_t seq
+        cdef uint32_t len_, pio
+        cdef uint64_t seq, addr
         cdef Py_ssize_t ep
-        cdef kc_entry e
-        cdef kc_entry batch[BATCH]
+        cdef unsigned char *slot
+        cdef unsigned char *run = NULL
         cdef void *target
         cdef void *btarget = NULL
         cdef const kc_bus_range *hit = NULL
@@ -144,8 +145,12 @@ cdef class Router:
         cdef size_t done
         if pending < 0 or not self.active or not self.kring._live:
             return -1
+        # Consumers move first from where the last pass left it up to head;
+        # anywhere else, reset() moved it, and nothing routed is left.
         kept_before = _dist(first, self.head, kr.max)
-        if kept_before > <uint32_t>pending:   # reset() or another consumer moved first
+        if (kept_before > <uint32_t>pending
+                or _dist(self.kept_first, first, kr.max) > _dist(self.kept_first, self.head,
+                                                                 kr.max)):
             self.head = first
             kept_before = 0
         n_new = <uint32_t>pending - kept_before
@@ -153,24 +158,29 @@ cdef class Router:
         stop = n_new
         ep = self.first_epoch
         for k in range(n_new):
-            if kc_ring_read(kr, idx, &e, &bad) != KC_OK:
+            # Classified in place, not copied: a run of one buffer's entries
+            # is pushed straight from the kernel ring's slots, and the push
+            # checks each record again where it lands.
+            slot = kr.base + KC_HEADER_SIZE + <size_t>idx * KC_ENTRY_SIZE
+            memcpy(&addr, slot, 8)
+            kc_record_fields(slot, &len_, &pio)
+            if kc_fields_bad(len_, pio):
                 stop = k
                 corrupt = True
                 break
             seq = self.processed + k
             while self.epochs[ep].until <= seq:
                 ep += 1
-            tp = self.epochs[ep].pio if e.pio else self.epochs[ep].mmio
+            tp = self.epochs[ep].pio if pio else self.epochs[ep].mmio
             if (hit != NULL and tp == hit_table and (<_ZoneTable>tp).disjoint
-                    and kc_zone_in_range(hit, e.phys_addr, e.len)):
+                    and kc_zone_in_range(hit, addr, len_)):
                 target = hit.target
             else:
-                hit = kc_bus_find((<_ZoneTable>tp).ranges, (<_ZoneTable>tp).n,
-                                  e.phys_addr, e.len)
+                hit = kc_bus_find((<_ZoneTable>tp).ranges, (<_ZoneTable>tp).n, addr, len_)
                 hit_table = tp
                 target = hit.target if hit != NULL else NULL
-            if nb and (target != btarget or nb == BATCH):
-                done = self._push(btarget, batch, nb)
+            if nb and (target != btarget or idx == 0):    # the run ends (or the ring wraps)
+                done = self._push(btarget, run, nb)
                 if done < nb:
                     stop = batch_start + <uint32_t>done
                     nb = 0
@@ -183,11 +193,11 @@ cdef class Router:
                 if nb == 0:
                     batch_start = k
                     btarget = target
-                memcpy(&batch[nb], &e, KC_ENTRY_SIZE)
+                    run = slot
                 nb += 1
             idx = kc_ring_next(kr, idx)
         if nb:
-            done = self._push(btarget, batch, nb)
+            done = self._push(btarget, run, nb)
             if done < nb:
                 stop = batch_start + <uint32_t>done
         # Vm.ring's entries, old and new, move (in order) to end where the
@@ -209,6 +219,7 @@ cdef class Router:
                        kr.base + KC_HEADER_SIZE + <size_t>src * KC_ENTRY_SIZE, KC_ENTRY_SIZE)
         if dst != first:
             kc_ring_publish_first(kr, dst)
+        self.kept_first = dst
         self.head = h
         self.processed += stop
         self.held = n_new - stop
@@ -219,7 +230,7 @@ cdef class Router:
             return -1
         return kept_before + nk
 
-    cdef size_t _push(self, void *target, kc_entry *batch, size_t n) noexcept nogil:
+    cdef size_t _push(self, void *target, const void *records, size_t n) noexcept nogil:
         """Push a run of entries into one buffer's ring; how many it took.
 
         A closed buffer takes them all (they go with it, as a closed
@@ -227,7 +238,7 @@ cdef class Router:
         """
         cdef int status = KC_OK, err
         cdef bint must_wake = False
-        cdef size_t done = (<Ring>target).produce_many(batch, n, &status, &must_wake)
+        cdef size_t done = (<Ring>target).produce_many(records, n, &status, &must_wake)
         if must_wake:
             err = (<Ring>target).wake_consumer()
             if err:
@@ -397,3 +408,5 @@ cdef class Router:
                 kc_cpu_relax()
             else:
                 nanosleep(&pause, NULL)
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now)
+        self.watcher_cpu_ns = now.tv_sec * 1000000000LL + now.tv_nsec

@@ -58,7 +58,7 @@ def hold(lock) -> threading.Event:
 
 def test_a_child_forked_while_a_write_is_in_flight_can_change_zones():
     vm = EmulatedVm()
-    buf = vm.create_coalesced_buffer(nbytes=64 << 20)
+    buf = vm.create_coalesced_buffer(nbytes=256 << 20)
     zone = Zone(0x1000, 4)
     vm.register_coalesced_mmio2(zone, buf)
     # A long push_many holds the ring's producer lock; a write that picked the
@@ -67,7 +67,9 @@ def test_a_child_forked_while_a_write_is_in_flight_can_change_zones():
         + b"\x01" + bytes(7)
     holding = threading.Thread(target=buf.ring.push_many, args=(record * buf.ring.capacity,))
     holding.start()
-    while buf.ring.last == 0 and holding.is_alive():   # pushing: it holds the lock now
+    # Pushing (it holds the lock) once the first slot is written: the batch is
+    # copied in one go and last moves only at the end.
+    while buf._map[8:10] != b"\x00\x90" and holding.is_alive():
         time.sleep(0)
     writer = threading.Thread(target=vm.write, args=(0x1000, b"\x2a"))
     writer.start()

@@ -15,12 +15,18 @@ Sections (--only, --skip):
             pure-Python baselines, a C consumer and a plain Python loop
             calling the handler as often
   producer  EmulatedVm.write against Ring.push on the same ring
+  router    the v2 router moving entries from the kernel ring into buffers
+            (one buffer, two alternating, a buffer and Vm.ring's), against
+            drain_into of the same entries
   wakeup    producer write to consumer return from wait(), against a bare
             eventfd and select, between threads and between processes
   transfer  24-byte records between processes and threads, against
             multiprocessing.Queue, os.pipe, faster-fifo and pyzmq
   kvm       a real guest on /dev/kvm storing N times, coalesced or not,
             through the Python run loop and through a small C VMM
+  doorbell  a real guest's doorbell write to its poller's wake-up, with the
+            router's watcher, against a bare eventfd wake-up; the watcher's
+            CPU use
 
 A section or a row that cannot run here (no /dev/kvm, no C compiler,
 numpy or a peer not installed) is reported as skipped or missing, with the
@@ -43,7 +49,7 @@ from .reporting import (STDOUT_PATHS, InvalidSample, Progress, Report, Section, 
 
 __all__ = ["SECTIONS", "run", "main", "format_table"]
 
-SECTIONS = ("consumer", "producer", "wakeup", "transfer", "kvm")
+SECTIONS = ("consumer", "producer", "router", "wakeup", "transfer", "kvm", "doorbell")
 
 
 def _count(base: int, scale: float, least: int = 1) -> int:
@@ -64,6 +70,12 @@ def _producer(scale: float, blocks: int | None, say: Progress) -> Section:
     from . import producer
     repeat = _count(1000, scale, 3)
     return producer.measure(repeat, _blocks(blocks, 5, repeat), progress=say)
+
+
+def _router(scale: float, blocks: int | None, say: Progress) -> Section:
+    from . import router
+    repeat = _count(1000, scale, 4)
+    return router.measure(repeat, _blocks(blocks, 5, repeat), progress=say)
 
 
 def _wakeup(scale: float, blocks: int | None, say: Progress) -> Section:
@@ -90,9 +102,20 @@ def _kvm(scale: float, blocks: int | None, say: Progress) -> Section:
                        progress=say)
 
 
+def _doorbell(scale: float, blocks: int | None, say: Progress) -> Section:
+    from kvmcoal import kvm
+
+    from . import doorbell
+    reason = kvm.why_unavailable()
+    if reason is not None:
+        return {"skipped": f"/dev/kvm cannot be used: {reason}"}
+    return doorbell.measure(_count(300, scale, 20), 3 if blocks is None else blocks,
+                            progress=say)
+
+
 _MEASURE: dict[str, Callable[[float, int | None, Progress], Section]] = {
-    "consumer": _consumer, "producer": _producer, "wakeup": _wakeup,
-    "transfer": _transfer, "kvm": _kvm,
+    "consumer": _consumer, "producer": _producer, "router": _router, "wakeup": _wakeup,
+    "transfer": _transfer, "kvm": _kvm, "doorbell": _doorbell,
 }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 __all__ = ["NAMES", "assemble", "in_source_checkout", "load", "source_dir"]
 
-NAMES = ("store_loop", "selftest", "ordering", "flat32", "demo", "script")
+NAMES = ("store_loop", "selftest", "ordering", "flat32", "demo", "script", "doorbell")
 
 
 def source_dir() -> Path:

@@ -304,7 +304,9 @@ int kc_ring_push(const kc_ring *r, uint64_t phys_addr, const void *data, uint32_
  * the caller's memory), in order; stops at the first the kernel would refuse
  * (*status: a kc_push_result) or whose len/pio is bad (*status: a kc_status,
  * as the caller may have changed it since checking).  Returns how many were
- * pushed; *status is KC_OK if all were.
+ * pushed; *status is KC_OK if all were.  As many as fit are copied at once
+ * and checked where they landed (past last, where no consumer reads yet),
+ * then last moves once: the router pushes runs of the kernel ring this way.
  */
 size_t kc_ring_push_records(const kc_ring *r, const void *records, size_t n,
                             int legacy_full_check, int *status);

@@ -25,8 +25,9 @@ cdef class Router:
     # it); the last has until = 2**64 - 1.
     cdef kc_epoch *epochs
     cdef Py_ssize_t n_epochs, epoch_cap, first_epoch
-    # [first, head) of the kernel ring: Vm.ring's entries, routed already.
-    cdef uint32_t head
+    # [first, head) of the kernel ring: Vm.ring's entries, routed already;
+    # kept_first: where the last pass left first.
+    cdef uint32_t head, kept_first
     cdef uint64_t processed
     cdef readonly uint32_t held
     cdef readonly uint64_t routed
@@ -38,8 +39,10 @@ cdef class Router:
     cdef int stopping
     cdef long long interval_ns, spin_ns
     cdef readonly uint64_t passes
+    # CPU time the last watcher thread used, set when it stops.
+    cdef readonly long long watcher_cpu_ns
 
     cdef int64_t route_locked(self) noexcept nogil
-    cdef size_t _push(self, void *target, kc_entry *batch, size_t n) noexcept nogil
+    cdef size_t _push(self, void *target, const void *records, size_t n) noexcept nogil
     cdef int route_nogil(self) noexcept nogil
     cdef void watch(self) noexcept nogil

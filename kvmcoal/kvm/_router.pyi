@@ -21,6 +21,8 @@ class Router:
     """Whether the watcher thread runs."""
     passes: int
     """Passes the watcher made (idle ones included)."""
+    watcher_cpu_ns: int
+    """CPU time the last watcher thread used, set when it stopped."""
 
     def __init__(self, kernel_ring: Ring) -> None: ...
     def route(self) -> int:

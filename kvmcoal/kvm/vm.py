@@ -230,15 +230,19 @@ class Vm(ZoneRegistry, OwnsFd):
         router = self._routing
         return router.route() if router is not None else 0
 
-    def start_watcher(self, *, interval_us: int = 100, spin_us: int = 1000) -> None:
+    def start_watcher(self, *, interval_us: int = 100, spin_us: int = 0) -> None:
         """Route on a thread of its own while the vCPUs run (no exit needed).
 
         The thread, in C, makes a routing pass every *interval_us*
-        microseconds, sleeping between them, and passes without sleeping
-        for *spin_us* after one that moved entries: a buffer's poller learns
-        of a doorbell write within about *interval_us* (docs/WAKEUPS.md has
-        the measured latency and CPU cost).  Needs a vCPU (the kernel ring
-        is mapped through one).  Raises RuntimeError if already running.
+        microseconds, sleeping between them, and with *spin_us* passes
+        without sleeping for that long after one that moved entries: a
+        buffer's poller learns of a doorbell write within about
+        *interval_us* plus a thread wake-up.  Spinning pays only where a
+        core is free for it: on a machine whose cores the guest and the
+        consumers already use, it delays the very consumer it woke
+        (docs/WAKEUPS.md has the measured latency and CPU cost of each).
+        Needs a vCPU (the kernel ring is mapped through one).  Raises
+        RuntimeError if already running.
         """
         for name, value in (("interval_us", interval_us), ("spin_us", spin_us)):
             if isinstance(value, bool) or not isinstance(value, int):
