@@ -27,6 +27,8 @@ Sections (--only, --skip):
   doorbell  a real guest's doorbell write to its poller's wake-up, with the
             router's watcher, against a bare eventfd wake-up; the watcher's
             CPU use
+  sandbox   a device model in another process fed by the router, against
+            one message per guest access over a Unix socket
 
 A section or a row that cannot run here (no /dev/kvm, no C compiler,
 numpy or a peer not installed) is reported as skipped or missing, with the
@@ -49,7 +51,8 @@ from .reporting import (STDOUT_PATHS, InvalidSample, Progress, Report, Section, 
 
 __all__ = ["SECTIONS", "run", "main", "format_table"]
 
-SECTIONS = ("consumer", "producer", "router", "wakeup", "transfer", "kvm", "doorbell")
+SECTIONS = ("consumer", "producer", "router", "wakeup", "transfer", "kvm", "doorbell",
+            "sandbox")
 
 
 def _count(base: int, scale: float, least: int = 1) -> int:
@@ -113,9 +116,20 @@ def _doorbell(scale: float, blocks: int | None, say: Progress) -> Section:
                             progress=say)
 
 
+def _sandbox(scale: float, blocks: int | None, say: Progress) -> Section:
+    from kvmcoal import kvm
+
+    from . import sandbox
+    reason = kvm.why_unavailable()
+    if reason is not None:
+        return {"skipped": f"/dev/kvm cannot be used: {reason}"}
+    return sandbox.measure(_count(30_000, scale, 300), 3 if blocks is None else blocks,
+                           progress=say)
+
+
 _MEASURE: dict[str, Callable[[float, int | None, Progress], Section]] = {
     "consumer": _consumer, "producer": _producer, "router": _router, "wakeup": _wakeup,
-    "transfer": _transfer, "kvm": _kvm, "doorbell": _doorbell,
+    "transfer": _transfer, "kvm": _kvm, "doorbell": _doorbell, "sandbox": _sandbox,
 }
 
 

@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any
 
-from kvmcoal import Zone, guests, kvm
+from kvmcoal import Bus, Zone, guests, kvm
 
 from .reporting import TIMEOUT_S, Progress, Section, noop, percentile
 
@@ -53,19 +53,32 @@ def _summary(latencies_ns: list[int]) -> dict[str, Any]:
 
 
 class DoorbellGuest:
-    """A real VM running the doorbell guest, its doorbell zone bound to a buffer."""
+    """A real VM running the doorbell guest, its doorbell zone bound to a buffer.
 
-    def __init__(self, k: kvm.Kvm, rounds: int) -> None:
+    With *device* (a Doorbell), the zone is a Bus mapping of it with its own
+    buffer instead, served by the bus's poller thread; see ring_device().
+    """
+
+    def __init__(self, k: kvm.Kvm, rounds: int, device: Any = None) -> None:
         self.vm = k.create_vm()
         self.memory = self.vm.add_memory(0, 0x10000)
         code = guests.load("doorbell")
         self.memory[CODE:CODE + len(code)] = code
         self.counter = memoryview(self.memory)[COUNTER:COUNTER + 4].cast("I")
-        self.buf = self.vm.create_coalesced_buffer()
-        self.vm.register_coalesced_mmio2(Zone(DOORBELL, 4), self.buf)
+        self.device = device
+        self.bus: Bus | None = None
+        if device is None:
+            self.buf = self.vm.create_coalesced_buffer()
+            self.vm.register_coalesced_mmio2(Zone(DOORBELL, 4), self.buf)
+        else:
+            self.bus = Bus(self.vm)
+            self.buf = self.bus.map(device, DOORBELL, 4, coalesced=True,
+                                    own_buffer=True).buffer
         self.vcpu = self.vm.create_vcpu()
         self.vcpu.setup_real_mode(CODE, segments={"es": DOORBELL >> 4}, rdi=DOORBELL & 0xF,
                                   rbx=COUNTER, rcx=rounds)
+        if self.bus is not None:
+            self.bus.start_pollers()
         self.round = 0
         self.exit: Any = None
         self.thread = threading.Thread(target=self._run, name="doorbell vCPU", daemon=True)
@@ -87,6 +100,19 @@ class DoorbellGuest:
             raise AssertionError(f"round {self.round}: the buffer held {got}")
         return t1 - t0
 
+    def ring_device(self) -> int:
+        """One round through the Bus: from raising the counter to the device's write()."""
+        device = self.device
+        self.round += 1
+        device.event.clear()
+        t0 = time.perf_counter_ns()
+        self.counter[0] = self.round
+        if not device.event.wait(TIMEOUT_S):
+            raise AssertionError(f"round {self.round}: the device got no request")
+        if device.requests[-1:] != [self.round]:
+            raise AssertionError(f"round {self.round}: the device got {device.requests[-1:]}")
+        return device.times[-1] - t0
+
     def finish(self) -> None:
         self.thread.join(TIMEOUT_S)
         if not isinstance(self.exit, kvm.HltExit) or self.vcpu.exit_count != 1:
@@ -95,6 +121,8 @@ class DoorbellGuest:
 
     def close(self) -> None:
         self.counter.release()
+        if self.bus is not None:
+            self.bus.close()
         self.vm.close()
 
 
