@@ -52,6 +52,70 @@ cdef extern from "<time.h>" nogil:
     int clock_gettime(int clk, timespec *ts)
     int nanosleep(const timespec *req, timespec *rem)
 
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        int fd
+        uint32_t u32
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    int EPOLLIN, EPOLLHUP, EPOLLERR, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CLOEXEC
+
+cdef extern from "<linux/perf_event.h>" nogil:
+    struct perf_event_attr:
+        uint32_t type
+        uint32_t size
+        uint64_t config
+        uint64_t sample_period
+        uint64_t sample_type
+        uint32_t wakeup_events
+    struct perf_event_mmap_page:
+        uint64_t data_head
+        uint64_t data_tail
+    int PERF_TYPE_TRACEPOINT
+    unsigned long PERF_FLAG_FD_CLOEXEC
+    unsigned long PERF_EVENT_IOC_SET_FILTER
+
+cdef extern from "<sys/syscall.h>" nogil:
+    long SYS_perf_event_open
+
+cdef extern from "<unistd.h>" nogil:
+    long syscall(long number, ...)
+    int close(int fd)
+    int sched_yield()
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void *addr, size_t length)
+    void *MAP_FAILED
+    int PROT_READ, PROT_WRITE, MAP_SHARED
+
+cdef extern from *:
+    """
+    /* The perf ring's tail follows its head: the events are only a wake-up. */
+    static inline void kc_perf_consumed(struct perf_event_mmap_page *page) {
+        __atomic_store_n(&page->data_tail, __atomic_load_n(&page->data_head, __ATOMIC_ACQUIRE),
+                         __ATOMIC_RELEASE);
+    }
+    """
+    void kc_perf_consumed(perf_event_mmap_page *page) nogil
+
+from libc.string cimport memset
+from posix.unistd cimport sysconf, _SC_PAGESIZE
+
+# The watcher's tracepoint wake-up: at most this many vCPU threads, and a
+# pass at least this often whatever the events say.
+DEF MAX_TRACED = 256
+# After a tracepoint hit, how long a pass waits for the entry to land (the
+# tracepoint fires before the write reaches the ring).
+DEF LAND_NS = 200000
+
 cdef extern from *:
     """
     static inline void kc_cpu_relax(void) {
@@ -110,11 +174,18 @@ cdef class Router:
         self.n_epochs = 1
         self.head = self.kept_first = kc_ring_peek_first(&kernel_ring._r)
         self.active = True
+        self.epfd = -1
 
     def __dealloc__(self):
         if self.kring is not None and self.kring._r.route_ctx == <void *>self:
             self.kring._r.route = NULL
             self.kring._r.route_ctx = NULL
+        cdef int k
+        for k in range(self.n_traced):
+            munmap(self.traced_maps[k], 2 * sysconf(_SC_PAGESIZE))
+            close(self.traced_fds[k])
+        if self.epfd >= 0:
+            close(self.epfd)
         PyMem_RawFree(self.kept)
         PyMem_RawFree(self.epochs)
 
@@ -363,6 +434,7 @@ cdef class Router:
             raise RuntimeError("the watcher is already running")
         self.interval_ns = interval_us * 1000
         self.spin_ns = spin_us * 1000
+        self.safety_ms = max(1, (interval_us + 999) // 1000)
         self.stopping = 0
         # The thread holds the router (it touches no Python object, so the
         # reference is taken for it here and dropped by stop_watcher).
@@ -406,7 +478,106 @@ cdef class Router:
                 busy_until = t + self.spin_ns
             if t < busy_until:
                 kc_cpu_relax()
+            elif self.epfd >= 0:
+                self._wait_for_tracepoint()
             else:
                 nanosleep(&pause, NULL)
         clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now)
         self.watcher_cpu_ns = now.tv_sec * 1000000000LL + now.tv_nsec
+
+    cdef void _wait_for_tracepoint(self) noexcept nogil:
+        """Sleep until a traced vCPU thread makes an MMIO or PIO write into a
+        buffer's zone (or the interval passes), then route until it lands."""
+        cdef epoll_event events[16]
+        cdef int n, i, k
+        cdef uint64_t before = self.routed
+        cdef timespec now
+        cdef long long end
+        n = epoll_wait(self.epfd, events, 16, self.safety_ms)
+        for i in range(n):
+            k = events[i].data.u32
+            if events[i].events & (EPOLLHUP | EPOLLERR):
+                # Its thread ended: it will not fire again.
+                epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.traced_fds[k], NULL)
+            else:
+                kc_perf_consumed(<perf_event_mmap_page *>self.traced_maps[k])
+        if n <= 0:
+            return          # the interval passed: the next pass is the safety net
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        end = now.tv_sec * 1000000000LL + now.tv_nsec + LAND_NS
+        while self.routed == before and not kc_load_int(&self.stopping):
+            # The wake-up may have preempted the vCPU thread that is to write it.
+            sched_yield()
+            if self.active and pthread_mutex_trylock(&self.kring._lock) == 0:
+                if self.kring._live:
+                    self.kring._owner = kc_thread_ident()
+                    self.route_locked()
+                self.kring._exit_consumer()
+            clock_gettime(CLOCK_MONOTONIC, &now)
+            if now.tv_sec * 1000000000LL + now.tv_nsec >= end:
+                break
+
+    def trace(self, int mmio_id, int pio_id):
+        """Make the watcher sleep on tracepoint hits (kvm_mmio, kvm_pio ids) of
+        the threads trace_thread() names, instead of a timer.  Before start_watcher."""
+        if self.watching:
+            raise RuntimeError("the watcher is running: choose its wake-up before it starts")
+        if self.epfd < 0:
+            self.epfd = epoll_create1(EPOLL_CLOEXEC)
+            if self.epfd < 0:
+                PyErr_SetFromErrno(OSError)
+        self.trace_ids[0] = mmio_id
+        self.trace_ids[1] = pio_id
+
+    def trace_thread(self, int tid, bytes mmio_filter, bytes pio_filter):
+        """Open the tracepoint events of thread *tid* (a vCPU's) and watch them."""
+        cdef perf_event_attr attr
+        cdef int fd, which, k
+        cdef void *page
+        cdef epoll_event ev
+        cdef size_t length = 2 * sysconf(_SC_PAGESIZE)
+        cdef const char *filt
+        if self.epfd < 0:
+            raise RuntimeError("trace() first")
+        for which in range(2):
+            if self.n_traced == MAX_TRACED:
+                raise RuntimeError(f"the watcher traces at most {MAX_TRACED // 2} vCPU threads")
+            memset(&attr, 0, sizeof(attr))
+            attr.type = PERF_TYPE_TRACEPOINT
+            attr.size = sizeof(attr)
+            attr.config = self.trace_ids[which]
+            attr.sample_period = 1
+            attr.wakeup_events = 1
+            fd = syscall(SYS_perf_event_open, &attr, tid, -1, -1, PERF_FLAG_FD_CLOEXEC)
+            if fd < 0:
+                PyErr_SetFromErrno(OSError)
+            filt = mmio_filter if which == 0 else pio_filter
+            if ioctl(fd, PERF_EVENT_IOC_SET_FILTER, filt) < 0:
+                close(fd)
+                PyErr_SetFromErrno(OSError)
+            page = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+            if page == MAP_FAILED:
+                close(fd)
+                PyErr_SetFromErrno(OSError)
+            k = self.n_traced
+            self.traced_fds[k] = fd
+            self.traced_maps[k] = page
+            self.n_traced += 1
+            ev.events = EPOLLIN
+            ev.data.u32 = k
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+                PyErr_SetFromErrno(OSError)
+
+    def untrace(self):
+        """Close every tracepoint event (the watcher is stopped)."""
+        cdef int k
+        cdef size_t length = 2 * sysconf(_SC_PAGESIZE)
+        if self.watching:
+            raise RuntimeError("stop the watcher first")
+        for k in range(self.n_traced):
+            munmap(self.traced_maps[k], length)
+            close(self.traced_fds[k])
+        self.n_traced = 0
+        if self.epfd >= 0:
+            close(self.epfd)
+            self.epfd = -1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
@@ -220,3 +221,46 @@ def test_a_device_process_is_fed_by_the_router(machine):
                  int.from_bytes(data[i + 16:i + 20], "little")) for i in range(0, len(data), 24)]
     assert got == [w for w in writes if w.addr < VM_ZONE.addr]
     assert entries(vm.ring) == [w for w in writes if w.addr >= VM_ZONE.addr]
+
+
+def test_the_tracepoint_wake_up_reaches_a_poller_while_the_guest_runs(machine):
+    """wake="tracepoint": the watcher sleeps until the vCPU thread writes into a
+    buffer's zone (kvm:kvm_mmio), not on a timer; zones bound later are traced too."""
+    from kvmcoal.bench.doorbell import _tracepoint_unavailable
+    why = _tracepoint_unavailable(machine.vm.kvm)
+    if why:
+        pytest.skip(f"the tracepoint wake-up cannot run here: {why}")
+    vm = machine.vm
+    machine.vcpu(0)
+    vm.start_watcher(wake="tracepoint", interval_us=10**6)    # safety pass: once a second
+    try:
+        buf = vm.create_coalesced_buffer()
+        vm.register_coalesced_mmio2(BUF_ZONE, buf)              # after the start: filter updated
+        woke = threading.Event()
+
+        def poller() -> None:
+            if buf.wait(30):
+                woke.set()
+        t = threading.Thread(target=poller)
+        t.start()
+        exits_before = machine.vcpus[0].exit_count
+        runner = threading.Thread(target=machine.run, args=([at(BUF_ZONE, 0), spin(2_000_000)],))
+        started = time.monotonic()
+        runner.start()
+        assert woke.wait(30)
+        waited = time.monotonic() - started
+        assert machine.vcpus[0].exit_count == exits_before, "woken only by the guest's exit"
+        assert waited < 0.9, f"woken after {waited:.2f} s: by the 1 s safety pass, not the event"
+        runner.join(60)
+        t.join(5)
+    finally:
+        vm.stop_watcher()
+    assert not vm.watching and vm._traced_tids == set()
+    assert entries(buf.ring) == [at(BUF_ZONE, 0)]
+
+
+def test_watcher_wake_must_be_known(machine):
+    machine.vcpu(0)
+    with pytest.raises(ValueError, match="wake must be 'timer' or 'tracepoint'"):
+        machine.vm.start_watcher(wake="poll")
+    assert not machine.vm.watching

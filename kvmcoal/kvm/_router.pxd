@@ -38,6 +38,12 @@ cdef class Router:
     cdef pthread_t thread
     cdef int stopping
     cdef long long interval_ns, spin_ns
+    # The tracepoint wake-up: an epoll set of perf events (kvm_mmio, then
+    # kvm_pio, per traced vCPU thread) and their ring pages.
+    cdef int epfd, safety_ms, n_traced
+    cdef int trace_ids[2]
+    cdef int traced_fds[256]
+    cdef void *traced_maps[256]
     cdef readonly uint64_t passes
     # CPU time the last watcher thread used, set when it stops.
     cdef readonly long long watcher_cpu_ns
@@ -46,3 +52,4 @@ cdef class Router:
     cdef size_t _push(self, void *target, const void *records, size_t n) noexcept nogil
     cdef int route_nogil(self) noexcept nogil
     cdef void watch(self) noexcept nogil
+    cdef void _wait_for_tracepoint(self) noexcept nogil

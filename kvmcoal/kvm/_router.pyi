@@ -41,3 +41,9 @@ class Router:
         """Start the watcher thread."""
     def stop_watcher(self) -> None:
         """Stop the watcher thread and wait for it.  Idempotent."""
+    def trace(self, mmio_id: int, pio_id: int) -> None:
+        """Make the watcher sleep on tracepoint hits instead of a timer."""
+    def trace_thread(self, tid: int, mmio_filter: bytes, pio_filter: bytes) -> None:
+        """Open the tracepoint events of thread *tid* and watch them."""
+    def untrace(self) -> None:
+        """Close every tracepoint event (the watcher is stopped)."""

@@ -73,6 +73,7 @@ class Vcpu(OwnsFd, ModeSetup):
         # (or a signal handler) on that thread may still close this vCPU.
         self._run_lock = threading.RLock()
         self._in_loop = False    # run_loop() is running, on the thread holding the lock
+        self._tid = 0            # the thread that ran it last (its native id)
 
     def fileno(self) -> int:
         """The vCPU fd; ValueError once closed."""
@@ -134,6 +135,11 @@ class Vcpu(OwnsFd, ModeSetup):
 
         The caller holds ``_run_lock``.
         """
+        tid = threading.get_native_id()
+        if tid != self._tid:
+            self._tid = tid            # for the watcher's tracepoint wake-up
+            if self.vm._tracing:
+                self.vm._trace_thread(tid)
         # fileno() each time round: a signal handler may have closed the vCPU.
         try:
             while not self._run.enter(self.fileno(), self.vm._routing):

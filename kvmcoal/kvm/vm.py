@@ -31,6 +31,26 @@ if TYPE_CHECKING:
 
 __all__ = ["Vm"]
 
+_TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+def _read_int(path: str) -> int | str:
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return "unknown"
+
+
+def _tracepoint_ids() -> tuple[int, int]:
+    """The perf ids of the kvm:kvm_mmio and kvm:kvm_pio tracepoints."""
+    for root in _TRACEFS:
+        mmio, pio = (_read_int(f"{root}/events/kvm/{name}/id") for name in ("kvm_mmio", "kvm_pio"))
+        if isinstance(mmio, int) and isinstance(pio, int):
+            return mmio, pio
+    raise KvmUnavailableError("the tracepoint wake-up needs tracefs, with the kvm tracepoints: "
+                              "mount it (as root: mount -t tracefs nodev /sys/kernel/tracing)")
+
 # Where real mode on Intel keeps its TSS; any unused guest-physical page range.
 _TSS_ADDR = 0xFFFBD000
 
@@ -89,6 +109,10 @@ class Vm(ZoneRegistry, OwnsFd):
         # _routing, set once a zone is bound to a buffer.
         self._router: Router | None = None
         self._routing: Router | None = None
+        # The watcher's tracepoint wake-up: on, and the threads traced so far.
+        self._tracing = False
+        self._traced_tids: set[int] = set()
+        self._watcher_args = (100, 0)
         # The ring's creation, vCPU creation and closing, memory, close().  Re-entrant:
         # a signal handler may close the VM in the middle of any of them.
         self._lock = threading.RLock()
@@ -215,6 +239,14 @@ class Vm(ZoneRegistry, OwnsFd):
         if self._routing is None and any(t is not None for b in buses.values() for _, t in b):
             self._router.attach()
             self._routing = self._router
+        if self._tracing:
+            # A perf event's filter is set once: new events, for the same
+            # threads, on a watcher stopped meanwhile (a zone change is rare).
+            saved, self._buses = self._buses, buses
+            try:
+                self._retrace()
+            finally:
+                self._buses = saved
 
     # -- the router --
 
@@ -230,7 +262,8 @@ class Vm(ZoneRegistry, OwnsFd):
         router = self._routing
         return router.route() if router is not None else 0
 
-    def start_watcher(self, *, interval_us: int = 100, spin_us: int = 0) -> None:
+    def start_watcher(self, *, interval_us: int = 100, spin_us: int = 0,
+                      wake: str = "timer") -> None:
         """Route on a thread of its own while the vCPUs run (no exit needed).
 
         The thread, in C, makes a routing pass every *interval_us*
@@ -239,8 +272,18 @@ class Vm(ZoneRegistry, OwnsFd):
         buffer's poller learns of a doorbell write within about
         *interval_us* plus a thread wake-up.  Spinning pays only where a
         core is free for it: on a machine whose cores the guest and the
-        consumers already use, it delays the very consumer it woke
-        (docs/WAKEUPS.md has the measured latency and CPU cost of each).
+        consumers already use, it delays the very consumer it woke.
+
+        ``wake="tracepoint"`` sleeps instead until a vCPU thread writes into
+        a buffer's zone, which the kernel reports through its
+        ``kvm:kvm_mmio`` and ``kvm:kvm_pio`` tracepoints (perf events, one
+        pair per vCPU thread, filtered to the buffers' zones), with a pass
+        every *interval_us* (at least 1 ms) as a safety net: the same
+        latency as the timer for a fraction of its CPU.  It needs
+        CAP_PERFMON or root (or kernel.perf_event_paranoid <= 1) and tracefs
+        mounted.  docs/WAKEUPS.md has the measured latency and CPU cost of
+        each.
+
         Needs a vCPU (the kernel ring is mapped through one).  Raises
         RuntimeError if already running.
         """
@@ -250,16 +293,83 @@ class Vm(ZoneRegistry, OwnsFd):
         if not 1 <= interval_us <= 10**7 or not 0 <= spin_us <= 10**7:
             raise ValueError(f"interval_us must be 1..10**7 and spin_us 0..10**7 microseconds, "
                              f"got {interval_us} and {spin_us}")
+        if wake not in ("timer", "tracepoint"):
+            raise ValueError(f"wake must be 'timer' or 'tracepoint', not {wake!r}")
         with self._lock:
             self.ring      # maps it, and makes the router
-            assert self._router is not None
-            self._router.start_watcher(interval_us, spin_us)
+            router = self._router
+            assert router is not None
+            if router.watching:
+                raise RuntimeError("the watcher is already running")
+            if wake == "tracepoint":
+                router.trace(*_tracepoint_ids())
+                self._tracing = True
+                try:
+                    # This thread first: the permission check.  Then the
+                    # threads running a vCPU now; later ones from their
+                    # next KVM_RUN on.
+                    self._trace_thread(threading.get_native_id())
+                    for vcpu in self._vcpus:
+                        if vcpu._tid:
+                            self._trace_thread(vcpu._tid)
+                except BaseException:
+                    self._untrace()
+                    raise
+            self._watcher_args = (interval_us, spin_us)
+            router.start_watcher(interval_us, spin_us)
 
     def stop_watcher(self) -> None:
         """Stop the watcher thread (and wait for it).  Idempotent."""
         router = self._router
         if router is not None and self._pid != -1:
             router.stop_watcher()
+            self._untrace()
+
+    def _trace_thread(self, tid: int) -> None:
+        """Trace thread *tid*'s writes into buffers' zones (the tracepoint wake-up)."""
+        with self._lock:
+            router = self._router
+            if not self._tracing or router is None or tid in self._traced_tids:
+                return
+            try:
+                router.trace_thread(tid, *self._trace_filters())
+            except ProcessLookupError:
+                return          # that thread has ended
+            except PermissionError as exc:
+                raise KvmUnavailableError(
+                    f"the tracepoint wake-up needs CAP_PERFMON or root (kernel."
+                    f"perf_event_paranoid is {_read_int('/proc/sys/kernel/perf_event_paranoid')}"
+                    f"): perf_event_open says {exc.strerror}") from None
+            self._traced_tids.add(tid)
+
+    def _retrace(self) -> None:
+        router = self._router
+        assert router is not None
+        tids, running = set(self._traced_tids), router.watching
+        interval_us, spin_us = self._watcher_args
+        router.stop_watcher()
+        self._untrace()
+        router.trace(*_tracepoint_ids())
+        self._tracing = True
+        for tid in tids:
+            self._trace_thread(tid)
+        if running:
+            router.start_watcher(interval_us, spin_us)
+
+    def _untrace(self) -> None:
+        if self._tracing and self._router is not None:
+            self._router.untrace()
+        self._tracing = False
+        self._traced_tids.clear()
+
+    def _trace_filters(self) -> tuple[bytes, bytes]:
+        """perf filters matching the writes into zones bound to buffers (none: nothing)."""
+        def ranges(pio: bool, field: str) -> str:
+            return " || ".join(f"({field} >= {z.addr} && {field} < {z.addr + z.size})"
+                               for z, t in self._buses[pio] if t is not None and z.size)
+        mmio, pio = ranges(False, "gpa"), ranges(True, "port")
+        return (f"type == 2 && ({mmio})".encode() if mmio else b"type == 255",
+                f"rw == 1 && ({pio})".encode() if pio else b"rw == 255")
 
     @property
     def watching(self) -> bool:
@@ -338,9 +448,11 @@ class Vm(ZoneRegistry, OwnsFd):
                     claimed.append(vcpu)
                 # No vCPU runs: stop the watcher and the router, then the
                 # buffers go (their zones go with the VM fd).
-                router, self._router, self._routing = self._router, None, None
+                router, self._routing = self._router, None
                 if router is not None and self._pid != -1:
                     router.stop()
+                    self._untrace()
+                self._router = None
                 with self._zones_lock:
                     buffers = list(self._buffers)
                     self._buses = {False: [], True: []}
