@@ -347,6 +347,10 @@ _COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("median_stores_per_s", "stores/s", "{:,.0f}".format),
     ("best_stores_per_s", "best", "{:,.0f}".format),
     ("median_ns_per_store", "ns/store", "{:,.0f}".format),
+    ("median_writes_per_s", "writes/s", "{:,.0f}".format),
+    ("best_writes_per_s", "best", "{:,.0f}".format),
+    ("median_guest_writes_per_s", "guest w/s", "{:,.0f}".format),
+    ("watcher_cpu_share", "watcher CPU", "{:.1%}".format),
     ("exits", "exits", _exits),
     ("retried", "retried", "{:,}".format),
 )
