@@ -29,7 +29,7 @@ from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from kvmcoal._ring cimport (Ring, kc_entry, kc_ring, KC_OK, KC_ENTRY_SIZE, KC_HEADER_SIZE,
+from kvmcoal._ring cimport (Ring, kc_entry, kc_ring, KC_OK, KC_ENTRY_SIZE, KC_HEADER_SIZE, KC_PUSH_BAD_LAST,
                             kc_record_fields, kc_fields_bad, KC_PUSH_OK,
                             KC_PUSH_RELEASED, kc_ring_begin, kc_ring_read, kc_ring_next,
                             kc_ring_publish_first, kc_ring_peek_first, kc_ring_peek_last,
@@ -304,8 +304,8 @@ cdef class Router:
     cdef size_t _push(self, void *target, const void *records, size_t n) noexcept nogil:
         """Push a run of entries into one buffer's ring; how many it took.
 
-        A closed buffer takes them all (they go with it, as a closed
-        buffer's pending entries do); a full one stops the pass.
+        A closed buffer, or one whose ring its consumer corrupted, takes
+        them all (dropped); a full one stops the pass.
         """
         cdef int status = KC_OK, err
         cdef bint must_wake = False
@@ -314,7 +314,13 @@ cdef class Router:
             err = (<Ring>target).wake_consumer()
             if err:
                 self.wake_error = err
-        if done < n and status == KC_PUSH_RELEASED:
+        if done < n and (status == KC_PUSH_RELEASED or status == KC_PUSH_BAD_LAST):
+            # A closed buffer's entries go with it.  A buffer whose last
+            # index its own consumer broke takes none ever again (its
+            # consumer's next call reports the corruption): holding its
+            # entries back would stop every other buffer and Vm.ring too.
+            self.dropped += n - done
+            self.routed += done
             return n
         self.routed += done
         return done

@@ -264,3 +264,22 @@ def test_watcher_wake_must_be_known(machine):
     with pytest.raises(ValueError, match="wake must be 'timer' or 'tracepoint'"):
         machine.vm.start_watcher(wake="poll")
     assert not machine.vm.watching
+
+
+def test_a_buffer_its_consumer_corrupted_stops_nobody_else(machine):
+    """A device process that breaks its own buffer's last index loses its own
+    entries (and is told so by its next consumer call); Vm.ring and the other
+    buffers go on."""
+    vm = machine.vm
+    broken, other = vm.create_coalesced_buffer(), vm.create_coalesced_buffer()
+    vm.register_coalesced_mmio2(BUF_ZONE, broken)
+    vm.register_coalesced_mmio2(Zone(0x101000, 0x1000), other)
+    vm.register_coalesced_mmio(VM_ZONE)
+    broken._map[4:8] = (0xFFFF).to_bytes(4, "little")         # last: out of range
+    writes = [at(BUF_ZONE, 0), at(VM_ZONE, 1), at(Zone(0x101000, 0x1000), 2)]
+    assert machine.run(writes) == []
+    assert entries(vm.ring) == [writes[1]]
+    assert entries(other.ring) == [writes[2]]
+    assert vm._router.dropped == 1
+    with pytest.raises(RingCorruptedError):
+        broken.ring.drain()

@@ -31,6 +31,8 @@ cdef class Router:
     cdef uint64_t processed
     cdef readonly uint32_t held
     cdef readonly uint64_t routed
+    # Entries for closed (or consumer-corrupted) buffers, dropped.
+    cdef readonly uint64_t dropped
     cdef int wake_error
     cdef bint active
     # The watcher thread.

@@ -17,6 +17,8 @@ class Router:
     """Entries the last pass left in the kernel ring behind a full buffer."""
     routed: int
     """Entries moved into buffers so far."""
+    dropped: int
+    """Entries dropped: their buffer was closed, or its consumer broke its ring."""
     watching: bool
     """Whether the watcher thread runs."""
     passes: int

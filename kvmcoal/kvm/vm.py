@@ -8,6 +8,7 @@ the kernel's ring into their buffers.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import mmap
 import os
@@ -64,6 +65,15 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _stop_watchers() -> None:
+    # A watcher is a C thread reading the kernel ring and the buffers: it
+    # must not outlive the interpreter's teardown of what it reads.
+    for vm in list(_live_vms):
+        if vm._pid == os.getpid():
+            vm.stop_watcher()
 
 
 class Vm(ZoneRegistry, OwnsFd):
