@@ -73,6 +73,9 @@ cdef extern from "ring_impl.h" nogil:
     uint32_t kc_fields_bad(uint32_t len, uint32_t pio)
     size_t kc_ring_push_records(const kc_ring *r, const void *records, size_t n,
                                 int legacy_full_check, int *status)
+    int kc_ring_room(const kc_ring *r, uint32_t *room)
+    size_t kc_ring_push_gather(const kc_ring *r, const unsigned char *const *records, size_t n,
+                               int *status)
 
 # PyThread_get_thread_ident needs no GIL (it is pthread_self); Cython's
 # declaration says otherwise.
@@ -159,6 +162,14 @@ cdef class Ring:
     cdef size_t produce_many(self, const void *records, size_t n, int *status,
                               bint *must_wake) noexcept nogil
     cdef int wake_consumer(self) noexcept nogil
+    # A producer that holds the ring across a batch it gathers (the router):
+    # produce_hold takes the producer lock and says how many entries fit
+    # (KC_OK), or releases it and returns KC_PUSH_RELEASED or
+    # KC_PUSH_BAD_LAST; produce_gathered pushes the gathered records
+    # (no more than fit), claims the wakeup and lets go of the lock.
+    cdef int produce_hold(self, uint32_t *room) noexcept nogil
+    cdef size_t produce_gathered(self, const unsigned char **records, size_t n, int *status,
+                                 bint *must_wake) noexcept nogil
 
     cdef void _close_sleep_fd(self)
     cdef int _enter_exclusive(self, str what) except -1

@@ -728,6 +728,24 @@ cdef class Ring:
         pthread_mutex_unlock(&self._plock)
         return done
 
+    cdef int produce_hold(self, uint32_t *room) noexcept nogil:
+        cdef int rc
+        pthread_mutex_lock(&self._plock)
+        if not self._live:
+            pthread_mutex_unlock(&self._plock)
+            return KC_PUSH_RELEASED
+        rc = kc_ring_room(&self._r, room)     # the modern full check, even on a legacy ring
+        if rc != KC_OK:
+            pthread_mutex_unlock(&self._plock)
+        return rc
+
+    cdef size_t produce_gathered(self, const unsigned char **records, size_t n, int *status,
+                                 bint *must_wake) noexcept nogil:
+        cdef size_t done = kc_ring_push_gather(&self._r, records, n, status)
+        must_wake[0] = kc_ring_claim_wakeup(&self._r) if done else False
+        pthread_mutex_unlock(&self._plock)
+        return done
+
     def pop(self):
         """Consume and return the oldest entry, or None if the ring is empty."""
         cdef uint32_t first, bad = 0

@@ -139,6 +139,60 @@ size_t kc_ring_push_records(const kc_ring *r, const void *records, size_t n,
     return take;
 }
 
+int kc_ring_room(const kc_ring *r, uint32_t *room)
+{
+    uint32_t insert = __atomic_load_n(kc_last_ptr(r), __ATOMIC_RELAXED);
+    uint32_t first = __atomic_load_n(kc_first_ptr(r), __ATOMIC_ACQUIRE);
+
+    if (insert >= r->max)
+        return KC_PUSH_BAD_LAST;
+    if (first >= r->max)          /* never full to the kernel's check: a ring's worth */
+        *room = r->max - 1;
+    else
+        *room = first > insert ? first - insert - 1 : r->max - 1 - (insert - first);
+    return KC_OK;
+}
+
+size_t kc_ring_push_gather(const kc_ring *r, const unsigned char *const *records, size_t n,
+                           int *status)
+{
+    uint32_t start = __atomic_load_n(kc_last_ptr(r), __ATOMIC_RELAXED);
+    uint32_t insert, room, len, pio, bad;
+    size_t i, j;
+
+    *status = kc_ring_room(r, &room);
+    if (*status != KC_OK)
+        return 0;
+    if (n > room) {
+        n = room;
+        *status = KC_PUSH_FULL;
+    }
+    /* Copy in runs: records that follow each other in memory (a run of one
+     * buffer's entries in the kernel ring) go in one memcpy per run. */
+    insert = start;
+    for (i = 0; i < n; i = j) {
+        for (j = i + 1; j < n && records[j] == records[j - 1] + KC_ENTRY_SIZE
+                        && insert + (j - i) < r->max; j++)
+            ;
+        memcpy(kc_slot(r, insert), records[i], (j - i) * KC_ENTRY_SIZE);
+        insert = (uint32_t)((insert + (j - i)) % r->max);
+    }
+    /* Then check each where it landed, past last, where no consumer reads yet. */
+    insert = start;
+    for (i = 0; i < n; i++) {
+        unsigned char *slot = kc_slot(r, insert);
+        kc_record_fields(slot, &len, &pio);
+        if (__builtin_expect(kc_fields_bad(len, pio), 0)) {
+            *status = kc_check_copy(len, pio, &bad);
+            break;
+        }
+        kc_mask_data(slot + offsetof(kc_entry, data), len);
+        insert = kc_ring_next(r, insert);
+    }
+    __atomic_store_n(kc_last_ptr(r), insert, __ATOMIC_RELEASE);
+    return i;
+}
+
 size_t kc_records_first_bad(const void *records, size_t n, uint32_t *len, uint32_t *pio)
 {
     const unsigned char *src = records;

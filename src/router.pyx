@@ -29,7 +29,7 @@ from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from kvmcoal._ring cimport (Ring, kc_entry, kc_ring, KC_OK, KC_ENTRY_SIZE, KC_HEADER_SIZE, KC_PUSH_BAD_LAST,
+from kvmcoal._ring cimport (Ring, kc_entry, kc_ring, KC_OK, KC_ENTRY_SIZE, KC_HEADER_SIZE,
                             kc_record_fields, kc_fields_bad, KC_PUSH_OK,
                             KC_PUSH_RELEASED, kc_ring_begin, kc_ring_read, kc_ring_next,
                             kc_ring_publish_first, kc_ring_peek_first, kc_ring_peek_last,
@@ -109,9 +109,12 @@ cdef extern from *:
 from libc.string cimport memset
 from posix.unistd cimport sysconf, _SC_PAGESIZE
 
-# The watcher's tracepoint wake-up: at most this many vCPU threads, and a
-# pass at least this often whatever the events say.
+# The watcher's tracepoint wake-up: at most this many perf events (a pair
+# per vCPU thread).
 DEF MAX_TRACED = 256
+# Buffers a pass holds at once (their producer locks, and a gather list
+# each); a pass that meets more ends there, and another goes on.
+DEF MAX_OPEN = 8
 # After a tracepoint hit, how long a pass waits for the entry to land (the
 # tracepoint fires before the write reaches the ring).
 DEF LAND_NS = 200000
@@ -162,6 +165,11 @@ cdef class Router:
         self.kring = kernel_ring
         self._tables = []
         self.kept = <uint32_t *>PyMem_RawMalloc(kernel_ring._r.max * sizeof(uint32_t))
+        self.gather_stride = kernel_ring._r.max
+        self.gather = <unsigned char **>PyMem_RawMalloc(
+            MAX_OPEN * kernel_ring._r.max * sizeof(unsigned char *))
+        if self.gather == NULL:
+            raise MemoryError()
         self.epochs = <kc_epoch *>PyMem_RawMalloc(4 * sizeof(kc_epoch))
         if self.kept == NULL or self.epochs == NULL:
             raise MemoryError()
@@ -187,33 +195,42 @@ cdef class Router:
         if self.epfd >= 0:
             close(self.epfd)
         PyMem_RawFree(self.kept)
+        PyMem_RawFree(self.gather)
         PyMem_RawFree(self.epochs)
 
     # -- the pass --
 
     cdef int64_t route_locked(self) noexcept nogil:
-        """One routing pass; the caller holds the kernel ring's consumer lock.
+        """Routing passes until the kernel ring is done with; the caller holds
+        its consumer lock.
 
         Returns how many entries at the kernel ring's head are its own
         (Vm.ring's), or -1 to let the consumer look at the head itself (a
         corrupt entry or index there, which its own checks report).
         """
+        cdef int64_t own
+        while True:
+            own = self._pass()
+            if not self.more:
+                return own
+
+    cdef int64_t _pass(self) noexcept nogil:
+        """One pass: as far as it can with at most MAX_OPEN buffers held at once."""
         cdef kc_ring *kr = &self.kring._r
         cdef uint32_t first, bad = 0, idx, h, dst, src
         cdef int64_t pending = kc_ring_begin(kr, &first, &bad)
-        cdef uint32_t kept_before, n_new, k, nk = 0, stop, batch_start = 0, nb = 0, j
-        cdef uint32_t len_, pio
+        cdef uint32_t kept_before, n_new, k, nk = 0, stop, j, len_, pio, room = 0
         cdef uint64_t seq, addr
         cdef Py_ssize_t ep
         cdef unsigned char *slot
-        cdef unsigned char *run = NULL
         cdef void *target
-        cdef void *btarget = NULL
         cdef const kc_bus_range *hit = NULL
         cdef PyObject *hit_table = NULL
         cdef PyObject *tp
         cdef bint corrupt = False
-        cdef size_t done
+        cdef int t = -1, n_open = 0, i, rc, status, err
+        cdef bint must_wake
+        self.more = False
         if pending < 0 or not self.active or not self.kring._live:
             return -1
         # Consumers move first from where the last pass left it up to head;
@@ -229,8 +246,8 @@ cdef class Router:
         stop = n_new
         ep = self.first_epoch
         for k in range(n_new):
-            # Classified in place, not copied: a run of one buffer's entries
-            # is pushed straight from the kernel ring's slots, and the push
+            # Classified in place, not copied: each buffer's entries are
+            # gathered as slot addresses and copied once, by the push, which
             # checks each record again where it lands.
             slot = kr.base + KC_HEADER_SIZE + <size_t>idx * KC_ENTRY_SIZE
             memcpy(&addr, slot, 8)
@@ -250,27 +267,54 @@ cdef class Router:
                 hit = kc_bus_find((<_ZoneTable>tp).ranges, (<_ZoneTable>tp).n, addr, len_)
                 hit_table = tp
                 target = hit.target if hit != NULL else NULL
-            if nb and (target != btarget or idx == 0):    # the run ends (or the ring wraps)
-                done = self._push(btarget, run, nb)
-                if done < nb:
-                    stop = batch_start + <uint32_t>done
-                    nb = 0
-                    break
-                nb = 0
             if target == NULL:      # no buffer: the entry is Vm.ring's
                 self.kept[nk] = idx
                 nk += 1
             else:
-                if nb == 0:
-                    batch_start = k
-                    btarget = target
-                    run = slot
-                nb += 1
+                if t < 0 or self.open_rings[t] != target:
+                    t = -1
+                    for i in range(n_open):
+                        if self.open_rings[i] == target:
+                            t = i
+                            break
+                    if t < 0:
+                        if n_open == MAX_OPEN:      # another pass takes it from here
+                            stop = k
+                            self.more = True
+                            break
+                        # Held until the pass ends: what fits cannot shrink.
+                        rc = (<Ring>target).produce_hold(&room)
+                        t = n_open
+                        n_open += 1
+                        self.open_rings[t] = target
+                        self.open_counts[t] = 0
+                        # A closed buffer's entries go with it; one whose last
+                        # index its consumer broke takes none again (its
+                        # consumer's next call says so), and holding them back
+                        # would stop every other buffer and Vm.ring too.
+                        self.open_drop[t] = rc != KC_OK
+                        self.open_room[t] = room if rc == KC_OK else 0
+                if self.open_drop[t]:
+                    self.dropped += 1
+                elif self.open_counts[t] == self.open_room[t]:
+                    stop = k            # full: this entry and all behind it wait
+                    break
+                else:
+                    self.gather[t * self.gather_stride + self.open_counts[t]] = slot
+                    self.open_counts[t] += 1
             idx = kc_ring_next(kr, idx)
-        if nb:
-            done = self._push(btarget, run, nb)
-            if done < nb:
-                stop = batch_start + <uint32_t>done
+        for i in range(n_open):
+            if self.open_drop[i]:
+                continue
+            status = KC_OK
+            must_wake = False
+            self.routed += (<Ring>self.open_rings[i]).produce_gathered(
+                <const unsigned char **>&self.gather[i * self.gather_stride],
+                self.open_counts[i], &status, &must_wake)
+            if must_wake:
+                err = (<Ring>self.open_rings[i]).wake_consumer()
+                if err:
+                    self.wake_error = err
         # Vm.ring's entries, old and new, move (in order) to end where the
         # pass stopped: from the last backwards, each to a slot at or after
         # its own, so none is overwritten before it has moved.
@@ -300,30 +344,6 @@ cdef class Router:
         if corrupt and kept_before + nk == 0:
             return -1
         return kept_before + nk
-
-    cdef size_t _push(self, void *target, const void *records, size_t n) noexcept nogil:
-        """Push a run of entries into one buffer's ring; how many it took.
-
-        A closed buffer, or one whose ring its consumer corrupted, takes
-        them all (dropped); a full one stops the pass.
-        """
-        cdef int status = KC_OK, err
-        cdef bint must_wake = False
-        cdef size_t done = (<Ring>target).produce_many(records, n, &status, &must_wake)
-        if must_wake:
-            err = (<Ring>target).wake_consumer()
-            if err:
-                self.wake_error = err
-        if done < n and (status == KC_PUSH_RELEASED or status == KC_PUSH_BAD_LAST):
-            # A closed buffer's entries go with it.  A buffer whose last
-            # index its own consumer broke takes none ever again (its
-            # consumer's next call reports the corruption): holding its
-            # entries back would stop every other buffer and Vm.ring too.
-            self.dropped += n - done
-            self.routed += done
-            return n
-        self.routed += done
-        return done
 
     cdef int route_nogil(self) noexcept nogil:
         """A pass from a vCPU thread: takes the consumer lock (unless this

@@ -311,6 +311,20 @@ int kc_ring_push(const kc_ring *r, uint64_t phys_addr, const void *data, uint32_
 size_t kc_ring_push_records(const kc_ring *r, const void *records, size_t n,
                             int legacy_full_check, int *status);
 /*
+ * How many more entries a producer may push now (KC_OK), or KC_PUSH_BAD_LAST.
+ * The kernel's modern full check; a first out of range (which the kernel
+ * only compares) counts as a ring's worth.  A consumer can only add room.
+ */
+int kc_ring_room(const kc_ring *r, uint32_t *room);
+/*
+ * Push the n records that records[i] point at (any alignment), in order:
+ * each copied into its slot and checked there, last published once.  As
+ * kc_ring_push_records, without the old full check: the router's push of
+ * one buffer's entries gathered from the kernel ring.
+ */
+size_t kc_ring_push_gather(const kc_ring *r, const unsigned char *const *records, size_t n,
+                           int *status);
+/*
  * The index of the first of n raw records whose len or pio is bad (its
  * values in *len and *pio), or n if all are good.
  */

@@ -19,8 +19,16 @@ cdef struct kc_epoch:
 cdef class Router:
     cdef Ring kring
     cdef list _tables
-    # Scratch for a pass: the slots of Vm.ring's entries it found.
+    # Scratch for a pass: the slots of Vm.ring's entries it found, and for
+    # each buffer it holds (at most 8) the slots of that buffer's entries.
     cdef uint32_t *kept
+    cdef unsigned char **gather
+    cdef size_t gather_stride
+    cdef void *open_rings[8]
+    cdef uint32_t open_counts[8]
+    cdef uint32_t open_room[8]
+    cdef bint open_drop[8]
+    cdef bint more
     # Zone tables by entry number (an entry is numbered as the router reaches
     # it); the last has until = 2**64 - 1.
     cdef kc_epoch *epochs
@@ -51,7 +59,7 @@ cdef class Router:
     cdef readonly long long watcher_cpu_ns
 
     cdef int64_t route_locked(self) noexcept nogil
-    cdef size_t _push(self, void *target, const void *records, size_t n) noexcept nogil
+    cdef int64_t _pass(self) noexcept nogil
     cdef int route_nogil(self) noexcept nogil
     cdef void watch(self) noexcept nogil
     cdef void _wait_for_tracepoint(self) noexcept nogil
