@@ -240,20 +240,21 @@ def test_unregister_returns_only_after_writes_using_the_old_zones_finish():
     unregister sees that write, and nothing the write reported as coalesced is lost
     when the buffer is closed next."""
     vm = EmulatedVm()
-    buf = vm.create_coalesced_buffer(nbytes=64 << 20)      # a push_many that takes a while
+    buf = vm.create_coalesced_buffer(nbytes=256 << 20)     # a push_many that takes a while
     zone = Zone(0x1000, 4)
     vm.register_coalesced_mmio2(zone, buf)
-    records = bytearray(buf.ring.capacity * 24)
-    for i in range(0, len(records), 24):
-        records[i:i + 24] = (0x9000).to_bytes(8, "little") + (1).to_bytes(4, "little") \
-            + bytes(4) + b"\x01" + bytes(7)
-    holding = threading.Thread(target=buf.ring.push_many, args=(records,))
+    record = (0x9000).to_bytes(8, "little") + (1).to_bytes(4, "little") + bytes(4) \
+        + b"\x01" + bytes(7)
+    holding = threading.Thread(target=buf.ring.push_many, args=(record * buf.ring.capacity,))
     holding.start()                                      # holds the producer lock, no GIL
-    time.sleep(0.002)
+    # Pushing once the first slot is written (the batch is copied in one go).
+    while buf._map[8:10] != b"\x00\x90" and holding.is_alive():
+        time.sleep(0)
     wrote = []
     writer = threading.Thread(target=lambda: wrote.append(vm.write(0x1000, b"\x2a")))
     writer.start()                                       # picks the table, waits for the lock
     time.sleep(0.002)
+    assert holding.is_alive() and writer.is_alive(), "the push finished too soon to test"
     vm.unregister_coalesced_mmio2(zone, buf)
     assert not writer.is_alive() and wrote, "unregister returned with a write in flight"
     holding.join()
