@@ -74,8 +74,8 @@ cdef extern from "ring_impl.h" nogil:
     size_t kc_ring_push_records(const kc_ring *r, const void *records, size_t n,
                                 int legacy_full_check, int *status)
     int kc_ring_room(const kc_ring *r, uint32_t *room)
-    size_t kc_ring_push_gather(const kc_ring *r, const unsigned char *const *records, size_t n,
-                               int *status)
+    size_t kc_ring_push_gather(const kc_ring *r, const unsigned char *const *runs,
+                               const uint32_t *lengths, size_t n, int checked, int *status)
 
 # PyThread_get_thread_ident needs no GIL (it is pthread_self); Cython's
 # declaration says otherwise.
@@ -165,10 +165,13 @@ cdef class Ring:
     # A producer that holds the ring across a batch it gathers (the router):
     # produce_hold takes the producer lock and says how many entries fit
     # (KC_OK), or releases it and returns KC_PUSH_RELEASED or
-    # KC_PUSH_BAD_LAST; produce_gathered pushes the gathered records
-    # (no more than fit), claims the wakeup and lets go of the lock.
+    # KC_PUSH_BAD_LAST; produce_gathered pushes the gathered records,
+    # as n runs of adjacent raw records (no more than fit in all; checked:
+    # the caller has checked their len and pio), claims
+    # the wakeup and lets go of the lock; it returns how many records went in.
     cdef int produce_hold(self, uint32_t *room) noexcept nogil
-    cdef size_t produce_gathered(self, const unsigned char **records, size_t n, int *status,
+    cdef size_t produce_gathered(self, const unsigned char **runs, const uint32_t *lengths,
+                                 size_t n, bint checked, int *status,
                                  bint *must_wake) noexcept nogil
 
     cdef void _close_sleep_fd(self)

@@ -153,33 +153,47 @@ int kc_ring_room(const kc_ring *r, uint32_t *room)
     return KC_OK;
 }
 
-size_t kc_ring_push_gather(const kc_ring *r, const unsigned char *const *records, size_t n,
-                           int *status)
+size_t kc_ring_push_gather(const kc_ring *r, const unsigned char *const *runs,
+                           const uint32_t *lengths, size_t n, int checked, int *status)
 {
     uint32_t start = __atomic_load_n(kc_last_ptr(r), __ATOMIC_RELAXED);
-    uint32_t insert, room, len, pio, bad;
-    size_t i, j;
+    uint32_t insert, room, len, pio, bad, head;
+    size_t i, total = 0, done, take;
 
     *status = kc_ring_room(r, &room);
     if (*status != KC_OK)
         return 0;
-    if (n > room) {
-        n = room;
-        *status = KC_PUSH_FULL;
-    }
-    /* Copy in runs: records that follow each other in memory (a run of one
-     * buffer's entries in the kernel ring) go in one memcpy per run. */
     insert = start;
-    for (i = 0; i < n; i = j) {
-        for (j = i + 1; j < n && records[j] == records[j - 1] + KC_ENTRY_SIZE
-                        && insert + (j - i) < r->max; j++)
-            ;
-        memcpy(kc_slot(r, insert), records[i], (j - i) * KC_ENTRY_SIZE);
-        insert = (uint32_t)((insert + (j - i)) % r->max);
+    for (i = 0; i < n && total < room; i++) {
+        take = lengths[i];
+        if (take > room - total) {
+            take = room - total;
+            *status = KC_PUSH_FULL;
+        }
+        if (take == 1) {                  /* interleaved devices: runs of one, inlined */
+            memcpy(kc_slot(r, insert), runs[i], KC_ENTRY_SIZE);
+            insert = kc_ring_next(r, insert);
+            total += 1;
+            continue;
+        }
+        head = r->max - insert;           /* the slots up to the ring's end */
+        if (head > take)
+            head = (uint32_t)take;
+        memcpy(kc_slot(r, insert), runs[i], (size_t)head * KC_ENTRY_SIZE);
+        memcpy(kc_slot(r, 0), runs[i] + (size_t)head * KC_ENTRY_SIZE,
+               (take - head) * KC_ENTRY_SIZE);
+        insert = (uint32_t)((insert + take) % r->max);
+        total += take;
+    }
+    if (i < n)
+        *status = KC_PUSH_FULL;
+    if (checked) {                        /* the caller checked them all just now */
+        __atomic_store_n(kc_last_ptr(r), insert, __ATOMIC_RELEASE);
+        return total;
     }
     /* Then check each where it landed, past last, where no consumer reads yet. */
     insert = start;
-    for (i = 0; i < n; i++) {
+    for (done = 0; done < total; done++) {
         unsigned char *slot = kc_slot(r, insert);
         kc_record_fields(slot, &len, &pio);
         if (__builtin_expect(kc_fields_bad(len, pio), 0)) {
@@ -190,7 +204,7 @@ size_t kc_ring_push_gather(const kc_ring *r, const unsigned char *const *records
         insert = kc_ring_next(r, insert);
     }
     __atomic_store_n(kc_last_ptr(r), insert, __ATOMIC_RELEASE);
-    return i;
+    return done;
 }
 
 size_t kc_records_first_bad(const void *records, size_t n, uint32_t *len, uint32_t *pio)

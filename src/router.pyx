@@ -168,7 +168,9 @@ cdef class Router:
         self.gather_stride = kernel_ring._r.max
         self.gather = <unsigned char **>PyMem_RawMalloc(
             MAX_OPEN * kernel_ring._r.max * sizeof(unsigned char *))
-        if self.gather == NULL:
+        self.gather_len = <uint32_t *>PyMem_RawMalloc(
+            MAX_OPEN * kernel_ring._r.max * sizeof(uint32_t))
+        if self.gather == NULL or self.gather_len == NULL:
             raise MemoryError()
         self.epochs = <kc_epoch *>PyMem_RawMalloc(4 * sizeof(kc_epoch))
         if self.kept == NULL or self.epochs == NULL:
@@ -196,6 +198,7 @@ cdef class Router:
             close(self.epfd)
         PyMem_RawFree(self.kept)
         PyMem_RawFree(self.gather)
+        PyMem_RawFree(self.gather_len)
         PyMem_RawFree(self.epochs)
 
     # -- the pass --
@@ -230,6 +233,10 @@ cdef class Router:
         cdef bint corrupt = False
         cdef int t = -1, n_open = 0, i, rc, status, err
         cdef bint must_wake
+        cdef uint32_t run, limit, len2, pio2
+        cdef uint64_t until
+        cdef size_t r
+        cdef unsigned char *nxt
         self.more = False
         if pending < 0 or not self.active or not self.kring._live:
             return -1
@@ -245,10 +252,13 @@ cdef class Router:
         idx = self.head
         stop = n_new
         ep = self.first_epoch
-        for k in range(n_new):
+        k = 0
+        while k < n_new:
             # Classified in place, not copied: each buffer's entries are
-            # gathered as slot addresses and copied once, by the push, which
-            # checks each record again where it lands.
+            # gathered as runs of slots and copied once, by the push, as
+            # they are (their len and pio checked here; only this process
+            # maps the kernel ring, and a buffer's consumer checks what it
+            # takes anyway).
             slot = kr.base + KC_HEADER_SIZE + <size_t>idx * KC_ENTRY_SIZE
             memcpy(&addr, slot, 8)
             kc_record_fields(slot, &len_, &pio)
@@ -263,6 +273,9 @@ cdef class Router:
             if (hit != NULL and tp == hit_table and (<_ZoneTable>tp).disjoint
                     and kc_zone_in_range(hit, addr, len_)):
                 target = hit.target
+            elif (<_ZoneTable>tp).disjoint and self._open_hit(n_open, tp, addr, len_, &hit):
+                hit_table = tp
+                target = hit.target     # a zone of a buffer this pass holds already
             else:
                 hit = kc_bus_find((<_ZoneTable>tp).ranges, (<_ZoneTable>tp).n, addr, len_)
                 hit_table = tp
@@ -270,39 +283,67 @@ cdef class Router:
             if target == NULL:      # no buffer: the entry is Vm.ring's
                 self.kept[nk] = idx
                 nk += 1
-            else:
-                if t < 0 or self.open_rings[t] != target:
-                    t = -1
-                    for i in range(n_open):
-                        if self.open_rings[i] == target:
-                            t = i
-                            break
-                    if t < 0:
-                        if n_open == MAX_OPEN:      # another pass takes it from here
-                            stop = k
-                            self.more = True
-                            break
-                        # Held until the pass ends: what fits cannot shrink.
-                        rc = (<Ring>target).produce_hold(&room)
-                        t = n_open
-                        n_open += 1
-                        self.open_rings[t] = target
-                        self.open_counts[t] = 0
-                        # A closed buffer's entries go with it; one whose last
-                        # index its consumer broke takes none again (its
-                        # consumer's next call says so), and holding them back
-                        # would stop every other buffer and Vm.ring too.
-                        self.open_drop[t] = rc != KC_OK
-                        self.open_room[t] = room if rc == KC_OK else 0
-                if self.open_drop[t]:
-                    self.dropped += 1
-                elif self.open_counts[t] == self.open_room[t]:
-                    stop = k            # full: this entry and all behind it wait
-                    break
-                else:
-                    self.gather[t * self.gather_stride + self.open_counts[t]] = slot
-                    self.open_counts[t] += 1
-            idx = kc_ring_next(kr, idx)
+                idx = kc_ring_next(kr, idx)
+                k += 1
+                continue
+            if t < 0 or self.open_rings[t] != target:
+                t = -1
+                for i in range(n_open):
+                    if self.open_rings[i] == target:
+                        t = i
+                        break
+                if t < 0:
+                    if n_open == MAX_OPEN:      # another pass takes it from here
+                        stop = k
+                        self.more = True
+                        break
+                    # Held until the pass ends: what fits cannot shrink.
+                    rc = (<Ring>target).produce_hold(&room)
+                    t = n_open
+                    n_open += 1
+                    self.open_rings[t] = target
+                    self.open_counts[t] = 0
+                    self.open_runs[t] = 0
+                    self.open_hits[t] = hit
+                    self.open_hit_tables[t] = tp
+                    # A closed buffer's entries go with it; one whose last
+                    # index its consumer broke takes none again (its
+                    # consumer's next call says so), and holding them back
+                    # would stop every other buffer and Vm.ring too.
+                    self.open_drop[t] = rc != KC_OK
+                    self.open_room[t] = room if rc == KC_OK else 0
+            if self.open_drop[t]:
+                self.dropped += 1
+                idx = kc_ring_next(kr, idx)
+                k += 1
+                continue
+            if self.open_counts[t] == self.open_room[t]:
+                stop = k            # full: this entry and all behind it wait
+                break
+            # A run: this entry and those after it in the same slots, zone,
+            # kind and epoch, as far as the buffer has room (the common
+            # case, one chatty device, costs a few compares per entry).
+            run = 1
+            limit = min(n_new - k, self.open_room[t] - self.open_counts[t],
+                        kr.max - idx)
+            if hit != NULL and (<_ZoneTable>tp).disjoint:
+                until = self.epochs[ep].until
+                while run < limit:
+                    nxt = slot + <size_t>run * KC_ENTRY_SIZE
+                    kc_record_fields(nxt, &len2, &pio2)
+                    if pio2 != pio or kc_fields_bad(len2, pio2) or seq + run >= until:
+                        break
+                    memcpy(&addr, nxt, 8)
+                    if not kc_zone_in_range(hit, addr, len2):
+                        break
+                    run += 1
+            r = t * self.gather_stride + self.open_runs[t]
+            self.gather[r] = slot
+            self.gather_len[r] = run
+            self.open_runs[t] += 1
+            self.open_counts[t] += run
+            idx = (idx + run) % kr.max
+            k += run
         for i in range(n_open):
             if self.open_drop[i]:
                 continue
@@ -310,7 +351,8 @@ cdef class Router:
             must_wake = False
             self.routed += (<Ring>self.open_rings[i]).produce_gathered(
                 <const unsigned char **>&self.gather[i * self.gather_stride],
-                self.open_counts[i], &status, &must_wake)
+                &self.gather_len[i * self.gather_stride], self.open_runs[i], True,
+                &status, &must_wake)
             if must_wake:
                 err = (<Ring>self.open_rings[i]).wake_consumer()
                 if err:
@@ -344,6 +386,18 @@ cdef class Router:
         if corrupt and kept_before + nk == 0:
             return -1
         return kept_before + nk
+
+    cdef bint _open_hit(self, int n_open, PyObject *table, uint64_t addr, uint32_t len_,
+                        const kc_bus_range **hit) noexcept nogil:
+        """Whether the zone the pass found first for one of its held buffers
+        takes this access (in a table of disjoint zones: then it is the zone)."""
+        cdef int i
+        for i in range(n_open):
+            if self.open_hit_tables[i] == table and kc_zone_in_range(self.open_hits[i], addr,
+                                                                     len_):
+                hit[0] = self.open_hits[i]
+                return True
+        return False
 
     cdef int route_nogil(self) noexcept nogil:
         """A pass from a vCPU thread: takes the consumer lock (unless this

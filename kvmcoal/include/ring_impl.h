@@ -317,13 +317,17 @@ size_t kc_ring_push_records(const kc_ring *r, const void *records, size_t n,
  */
 int kc_ring_room(const kc_ring *r, uint32_t *room);
 /*
- * Push the n records that records[i] point at (any alignment), in order:
- * each copied into its slot and checked there, last published once.  As
- * kc_ring_push_records, without the old full check: the router's push of
- * one buffer's entries gathered from the kernel ring.
+ * Push n runs of raw records, run i being lengths[i] adjacent records at
+ * runs[i] (any alignment), in order: copied a run at a time, checked where
+ * they landed, last published once.  As kc_ring_push_records, without the
+ * old full check: the router's push of one buffer's entries gathered from
+ * the kernel ring.  With checked, the caller has just checked every
+ * record's len and pio itself, and they are copied as they are (the
+ * kernel's own producer leaves the bytes past len as they were too; a
+ * consumer masks them).  Returns how many records went in.
  */
-size_t kc_ring_push_gather(const kc_ring *r, const unsigned char *const *records, size_t n,
-                           int *status);
+size_t kc_ring_push_gather(const kc_ring *r, const unsigned char *const *runs,
+                           const uint32_t *lengths, size_t n, int checked, int *status);
 /*
  * The index of the first of n raw records whose len or pio is bad (its
  * values in *len and *pio), or n if all are good.

@@ -5,6 +5,7 @@ from cpython.object cimport PyObject
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 from kvmcoal._ring cimport Ring, kc_entry
+from kvmcoal._zone_bus cimport kc_bus_range
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef unsigned long pthread_t
@@ -20,12 +21,19 @@ cdef class Router:
     cdef Ring kring
     cdef list _tables
     # Scratch for a pass: the slots of Vm.ring's entries it found, and for
-    # each buffer it holds (at most 8) the slots of that buffer's entries.
+    # each buffer it holds (at most 8) its entries as runs of slots (start,
+    # length).
     cdef uint32_t *kept
     cdef unsigned char **gather
+    cdef uint32_t *gather_len
     cdef size_t gather_stride
     cdef void *open_rings[8]
     cdef uint32_t open_counts[8]
+    cdef uint32_t open_runs[8]
+    # The zone the pass found first for each held buffer, and its table (a
+    # borrowed range of it).
+    cdef const kc_bus_range *open_hits[8]
+    cdef PyObject *open_hit_tables[8]
     cdef uint32_t open_room[8]
     cdef bint open_drop[8]
     cdef bint more
@@ -60,6 +68,8 @@ cdef class Router:
 
     cdef int64_t route_locked(self) noexcept nogil
     cdef int64_t _pass(self) noexcept nogil
+    cdef bint _open_hit(self, int n_open, PyObject *table, uint64_t addr, uint32_t len_,
+                        const kc_bus_range **hit) noexcept nogil
     cdef int route_nogil(self) noexcept nogil
     cdef void watch(self) noexcept nogil
     cdef void _wait_for_tracepoint(self) noexcept nogil
