@@ -179,8 +179,9 @@ buf = CoalescedBuffer.receive(sock)
 want, got = int(sys.argv[2]), bytearray()
 out = bytearray(24 * buf.ring.capacity)
 while len(got) < 24 * want:
-    if buf.wait(10):
-        got += out[:24 * buf.ring.drain_into(out)]
+    if not buf.wait(30):
+        sys.exit("no entries for 30 s")
+    got += out[:24 * buf.ring.drain_into(out)]
 sock.sendall(bytes(got))
 """
 

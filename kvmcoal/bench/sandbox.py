@@ -65,13 +65,19 @@ DEVICE = textwrap.dedent("""
                 take(view[:24 * buf.ring.drain_into(out)])
             while True:            # writes that exited come as messages
                 try:
-                    take(sock.recv(64))
+                    msg = sock.recv(64)
                 except BlockingIOError:
                     break
+                if not msg:        # the VMM is gone
+                    sys.exit(1)
+                take(msg)
     else:
         sock.send(b"ready")
         while count < expected:
-            take(sock.recv(64))
+            msg = sock.recv(64)
+            if not msg:            # the VMM is gone
+                sys.exit(1)
+            take(msg)
     sock.setblocking(True)
     sock.send(f"done {count} {checksum}".encode())
 """)
