@@ -20,7 +20,7 @@ cdef extern from "ring_impl.h" nogil:
         uint32_t max
         int efd
         int efd_shared
-        int64_t (*route)(void *ctx) noexcept nogil
+        int64_t (*route)(void *ctx, int move) noexcept nogil
         void *route_ctx
 
     size_t KC_ENTRY_SIZE
@@ -152,6 +152,7 @@ cdef class Ring:
     cdef int _enter_consumer_nogil(self) noexcept nogil
     cdef void _exit_consumer(self) noexcept nogil
     cdef Py_ssize_t _begin(self, Py_ssize_t limit, uint32_t *first) except -1
+    cdef int64_t _begin_unrouted(self, uint32_t *first) except -1
     cdef int _consumer_idle(self) except -1
 
     # The producer side, callable without the GIL: produce pushes one

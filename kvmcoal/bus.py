@@ -384,10 +384,13 @@ class Bus:
         if (self.producer is None or getattr(self._flushing, "active", False)
                 or self._producer_closed()):   # its rings went with it
             return 0
+        # A kvm.Vm maps its ring with its first vCPU: before, nothing is in it.
+        ring_or_none = getattr(self.producer, "_ring_or_none", None)
+        ring = ring_or_none() if ring_or_none is not None else self.producer.ring
         with self._deliver_lock:
-            return self._flush_locked(self.producer.ring)
+            return self._flush_locked(ring)
 
-    def _flush_locked(self, ring: Ring) -> int:
+    def _flush_locked(self, ring: Ring | None) -> int:
         self._flushing.active = True
         # On real KVM, ring.consume() first routes the kernel ring: entries a
         # full buffer held back move once draining it made room, so the loop
@@ -396,7 +399,7 @@ class Bus:
         try:
             delivered = 0
             while True:   # writes made during the replay are flushed too
-                n = ring.consume(self.deliver)
+                n = ring.consume(self.deliver) if ring is not None else 0
                 for mapping in self.mappings:
                     if mapping.buffer is not None:
                         n += self._drain_buffer(mapping)

@@ -389,7 +389,7 @@ cdef class Ring:
         cdef uint32_t bad = 0
         cdef int64_t pending, own
         if self._r.route != NULL:
-            own = self._r.route(self._r.route_ctx)
+            own = self._r.route(self._r.route_ctx, 1)
             if own >= 0 and (limit < 0 or own < limit):
                 limit = <Py_ssize_t>own
         pending = kc_ring_begin(&self._r, first, &bad)
@@ -398,6 +398,14 @@ cdef class Ring:
         if limit < 0 or pending < limit:
             return <Py_ssize_t>pending
         return limit
+
+    cdef int64_t _begin_unrouted(self, uint32_t *first) except -1:
+        """_begin without the router: how many entries the ring holds."""
+        cdef uint32_t bad = 0
+        cdef int64_t pending = kc_ring_begin(&self._r, first, &bad)
+        if pending < 0:
+            raise _corrupted(&self._r, <int>pending, bad, 0)
+        return pending
 
     cdef int _consumer_idle(self) except -1:
         """With a notifier attached, clear the wakeup once the ring is empty."""
@@ -518,14 +526,21 @@ cdef class Ring:
     def __len__(self):
         cdef uint32_t first
         cdef int entered
+        cdef int64_t own, pending
         self._check_live()
         if self._r.route == NULL:
             return self._begin(-1, &first)
         # A routed ring counts only its own entries, which the router (run
-        # under the consumer lock) finds.
+        # under the consumer lock) finds.  Nested in a handler of a consumer
+        # call of this thread's, it only counts: moving entries then would
+        # move what the outer call is delivering.
         entered = self._enter_consumer()
         try:
-            return self._begin(-1, &first)
+            if entered:
+                return self._begin(-1, &first)
+            own = self._r.route(self._r.route_ctx, 0)
+            pending = self._begin_unrouted(&first)
+            return pending if own < 0 or pending < own else own
         finally:
             if entered:
                 self._exit_consumer()
@@ -814,7 +829,7 @@ cdef class Ring:
             try:
                 fits = <size_t>view.len // KC_ENTRY_SIZE
                 if self._r.route != NULL:
-                    own = self._r.route(self._r.route_ctx)
+                    own = self._r.route(self._r.route_ctx, 1)
                     if own >= 0 and <size_t>own < fits:
                         fits = <size_t>own
                 if min(fits, <size_t>self._r.max - 1) * KC_ENTRY_SIZE <= _BATCH_WITH_GIL_BYTES:

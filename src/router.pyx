@@ -34,7 +34,7 @@ from kvmcoal._ring cimport (Ring, kc_entry, kc_ring, KC_OK, KC_ENTRY_SIZE, KC_HE
                             KC_PUSH_RELEASED, kc_ring_begin, kc_ring_read, kc_ring_next,
                             kc_ring_publish_first, kc_ring_peek_first, kc_ring_peek_last,
                             pthread_mutex_trylock, pthread_mutex_unlock, check_wake,
-                            kc_thread_ident)
+                            kc_thread_ident, pthread_mutex_init, pthread_mutex_lock)
 from kvmcoal._zone_bus cimport _ZoneTable, kc_bus_range, kc_bus_find, kc_zone_in_range
 
 cdef extern from "<pthread.h>" nogil:
@@ -79,12 +79,25 @@ cdef extern from "<linux/perf_event.h>" nogil:
     unsigned long PERF_FLAG_FD_CLOEXEC
     unsigned long PERF_EVENT_IOC_SET_FILTER
 
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    int EFD_NONBLOCK, EFD_CLOEXEC
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    short POLLIN
+    int ppoll(pollfd *fds, unsigned long nfds, const timespec *timeout, const void *sigmask)
+
 cdef extern from "<sys/syscall.h>" nogil:
     long SYS_perf_event_open
 
 cdef extern from "<unistd.h>" nogil:
     long syscall(long number, ...)
     int close(int fd)
+    ssize_t write(int fd, const void *buf, size_t count)
     int sched_yield()
 
 cdef extern from "<sys/ioctl.h>" nogil:
@@ -115,6 +128,12 @@ DEF MAX_TRACED = 256
 # Buffers a pass holds at once (their producer locks, and a gather list
 # each); a pass that meets more ends there, and another goes on.
 DEF MAX_OPEN = 8
+# The epoll tag of the watcher's stop eventfd (perf events are tagged 0..255).
+cdef extern from *:
+    """
+    #define KC_STOP_TAG 0xFFFFFFFFu
+    """
+    uint32_t STOP_TAG "KC_STOP_TAG"
 # After a tracepoint hit, how long a pass waits for the entry to land (the
 # tracepoint fires before the write reaches the ring).
 DEF LAND_NS = 200000
@@ -135,6 +154,8 @@ cdef extern from *:
 
 from cpython.ref cimport Py_INCREF, Py_DECREF
 
+import os
+
 
 cdef uint64_t _FOREVER = 0xFFFFFFFFFFFFFFFF
 
@@ -144,9 +165,11 @@ cdef inline uint32_t _dist(uint32_t a, uint32_t b, uint32_t max) noexcept nogil:
     return b - a if b >= a else max - a + b
 
 
-cdef int64_t _route_hook(void *ctx) noexcept nogil:
+cdef int64_t _route_hook(void *ctx, int move) noexcept nogil:
     # Ring's consumer calls run it under the consumer lock.
-    return (<Router>ctx).route_locked()
+    if move:
+        return (<Router>ctx).route_locked()
+    return (<Router>ctx).own_count()
 
 
 cdef void *_watch(void *arg) noexcept nogil:
@@ -185,6 +208,9 @@ cdef class Router:
         self.head = self.kept_first = kc_ring_peek_first(&kernel_ring._r)
         self.active = True
         self.epfd = -1
+        self.stop_efd = -1
+        self.trace_map_len = 2 * sysconf(_SC_PAGESIZE)
+        pthread_mutex_init(&self.watch_lock, NULL)
 
     def __dealloc__(self):
         if self.kring is not None and self.kring._r.route_ctx == <void *>self:
@@ -192,8 +218,9 @@ cdef class Router:
             self.kring._r.route_ctx = NULL
         cdef int k
         for k in range(self.n_traced):
-            munmap(self.traced_maps[k], 2 * sysconf(_SC_PAGESIZE))
-            close(self.traced_fds[k])
+            if self.traced_fds[k] >= 0:
+                munmap(self.traced_maps[k], self.trace_map_len)
+                close(self.traced_fds[k])
         if self.epfd >= 0:
             close(self.epfd)
         PyMem_RawFree(self.kept)
@@ -399,18 +426,28 @@ cdef class Router:
                 return True
         return False
 
+    cdef int64_t own_count(self) noexcept nogil:
+        """Vm.ring's entries the last pass left at the head, without a pass."""
+        cdef uint32_t first, bad = 0
+        cdef int64_t pending = kc_ring_begin(&self.kring._r, &first, &bad)
+        cdef uint32_t kept
+        if pending < 0 or not self.active:
+            return -1
+        kept = _dist(first, self.head, self.kring._r.max)
+        return kept if kept <= <uint32_t>pending else 0
+
     cdef int route_nogil(self) noexcept nogil:
-        """A pass from a vCPU thread: takes the consumer lock (unless this
-        thread holds it already: a handler of a Vm.ring consumer)."""
+        """A pass from any thread: takes the consumer lock.  From a handler of
+        a consumer call on Vm.ring (this thread holds the lock) it makes none:
+        it would move what that call is delivering; the call's next one routes."""
         cdef int entered
         if not self.active:
             return 0
         entered = self.kring._enter_consumer_nogil()
-        if entered < 0:
+        if entered <= 0:
             return 0
         self.route_locked()
-        if entered:
-            self.kring._exit_consumer()
+        self.kring._exit_consumer()
         return 0
 
     def route(self):
@@ -509,35 +546,68 @@ cdef class Router:
     def start_watcher(self, long interval_us, long spin_us):
         """Start the watcher thread: a pass every *interval_us* while idle,
         continuous passes for *spin_us* after one that moved entries."""
-        cdef int rc
-        if self.watching:
-            raise RuntimeError("the watcher is already running")
-        self.interval_ns = interval_us * 1000
-        self.spin_ns = spin_us * 1000
-        self.safety_ms = max(1, (interval_us + 999) // 1000)
-        self.stopping = 0
+        cdef int rc = 0, efd, err = 0
+        cdef bint running
+        cdef epoll_event ev
+        if interval_us < 1 or spin_us < 0:
+            raise ValueError(f"interval_us must be >= 1 and spin_us >= 0, got "
+                             f"{interval_us} and {spin_us}")
+        efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if efd < 0:
+            PyErr_SetFromErrno(OSError)
         # The thread holds the router (it touches no Python object, so the
         # reference is taken for it here and dropped by stop_watcher).
         Py_INCREF(self)
-        rc = pthread_create(&self.thread, NULL, _watch, <void *>self)
-        if rc:
+        with nogil:
+            pthread_mutex_lock(&self.watch_lock)
+            running = self.watching
+            if not running:
+                self.interval_ns = interval_us * 1000
+                self.spin_ns = spin_us * 1000
+                self.safety_ms = max(1, (interval_us + 999) // 1000)
+                self.stopping = 0
+                self.stop_efd = efd
+                if self.epfd >= 0:
+                    ev.events = EPOLLIN
+                    ev.data.u32 = STOP_TAG
+                    rc = epoll_ctl(self.epfd, EPOLL_CTL_ADD, efd, &ev)
+                    if rc:
+                        err = errno
+                if rc == 0:
+                    rc = pthread_create(&self.thread, NULL, _watch, <void *>self)
+                    err = rc
+                    self.watching = rc == 0
+            pthread_mutex_unlock(&self.watch_lock)
+        if running or rc:
             Py_DECREF(self)
-            errno = rc
-            PyErr_SetFromErrno(OSError)
-        self.watching = True
+            close(efd)
+            if running:
+                raise RuntimeError("the watcher is already running")
+            raise OSError(err, f"starting the watcher: {os.strerror(err)}")
 
     def stop_watcher(self):
-        """Stop the watcher thread and wait for it.  Idempotent."""
-        if not self.watching:
-            return
-        kc_store_int(&self.stopping, 1)
+        """Stop the watcher thread and wait for it: at once, whatever its
+        interval.  Idempotent; callers on several threads all return after
+        it stopped."""
+        cdef bint joined = False
+        cdef uint64_t one = 1
         with nogil:
-            pthread_join(self.thread, NULL)
-        self.watching = False
-        Py_DECREF(self)
+            pthread_mutex_lock(&self.watch_lock)
+            if self.watching:
+                kc_store_int(&self.stopping, 1)
+                write(self.stop_efd, &one, 8)       # wakes its sleep
+                pthread_join(self.thread, NULL)
+                self.watching = False
+                close(self.stop_efd)               # (and out of the epoll set with it)
+                self.stop_efd = -1
+                joined = True
+            pthread_mutex_unlock(&self.watch_lock)
+        if joined:
+            Py_DECREF(self)
 
     cdef void watch(self) noexcept nogil:
         cdef timespec now, pause
+        cdef pollfd stop
         cdef long long busy_until = 0, t
         cdef uint64_t before
         pause.tv_sec = self.interval_ns // 1000000000
@@ -561,7 +631,10 @@ cdef class Router:
             elif self.epfd >= 0:
                 self._wait_for_tracepoint()
             else:
-                nanosleep(&pause, NULL)
+                # Until the interval passes, or stop_watcher() says so.
+                stop.fd = self.stop_efd
+                stop.events = POLLIN
+                ppoll(&stop, 1, &pause, NULL)
         clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now)
         self.watcher_cpu_ns = now.tv_sec * 1000000000LL + now.tv_nsec
 
@@ -575,10 +648,16 @@ cdef class Router:
         cdef long long end
         n = epoll_wait(self.epfd, events, 16, self.safety_ms)
         for i in range(n):
+            if events[i].data.u32 == STOP_TAG:
+                return          # stop_watcher() says so
             k = events[i].data.u32
             if events[i].events & (EPOLLHUP | EPOLLERR):
-                # Its thread ended: it will not fire again.
+                # Its thread ended: it will not fire again.  The slot is free
+                # once its fd reads -1 (trace_thread may take it then).
                 epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.traced_fds[k], NULL)
+                munmap(self.traced_maps[k], self.trace_map_len)
+                close(self.traced_fds[k])
+                kc_store_int(&self.traced_fds[k], -1)
             else:
                 kc_perf_consumed(<perf_event_mmap_page *>self.traced_maps[k])
         if n <= 0:
@@ -615,13 +694,17 @@ cdef class Router:
         cdef int fd, which, k
         cdef void *page
         cdef epoll_event ev
-        cdef size_t length = 2 * sysconf(_SC_PAGESIZE)
         cdef const char *filt
         if self.epfd < 0:
             raise RuntimeError("trace() first")
         for which in range(2):
-            if self.n_traced == MAX_TRACED:
-                raise RuntimeError(f"the watcher traces at most {MAX_TRACED // 2} vCPU threads")
+            # A slot whose thread ended (fd -1) is taken again.
+            k = 0
+            while k < self.n_traced and kc_load_int(&self.traced_fds[k]) >= 0:
+                k += 1
+            if k == MAX_TRACED:
+                raise RuntimeError(f"the watcher traces at most {MAX_TRACED // 2} vCPU threads "
+                                   f"running at once")
             memset(&attr, 0, sizeof(attr))
             attr.type = PERF_TYPE_TRACEPOINT
             attr.size = sizeof(attr)
@@ -635,28 +718,37 @@ cdef class Router:
             if ioctl(fd, PERF_EVENT_IOC_SET_FILTER, filt) < 0:
                 close(fd)
                 PyErr_SetFromErrno(OSError)
-            page = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+            page = mmap(NULL, self.trace_map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
             if page == MAP_FAILED:
                 close(fd)
                 PyErr_SetFromErrno(OSError)
-            k = self.n_traced
-            self.traced_fds[k] = fd
             self.traced_maps[k] = page
-            self.n_traced += 1
+            self.traced_tids[k] = tid
+            kc_store_int(&self.traced_fds[k], fd)
+            if k == self.n_traced:
+                self.n_traced += 1
             ev.events = EPOLLIN
             ev.data.u32 = k
             if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
                 PyErr_SetFromErrno(OSError)
 
+    def traced(self):
+        """The threads whose events are open (their threads may have ended
+        since: the watcher closes those events when it notices)."""
+        cdef int k
+        return {self.traced_tids[k] for k in range(self.n_traced)
+                if kc_load_int(&self.traced_fds[k]) >= 0}
+
     def untrace(self):
         """Close every tracepoint event (the watcher is stopped)."""
         cdef int k
-        cdef size_t length = 2 * sysconf(_SC_PAGESIZE)
         if self.watching:
             raise RuntimeError("stop the watcher first")
         for k in range(self.n_traced):
-            munmap(self.traced_maps[k], length)
-            close(self.traced_fds[k])
+            if self.traced_fds[k] >= 0:
+                munmap(self.traced_maps[k], self.trace_map_len)
+                close(self.traced_fds[k])
+                self.traced_fds[k] = -1
         self.n_traced = 0
         if self.epfd >= 0:
             close(self.epfd)

@@ -259,7 +259,7 @@ def test_the_tracepoint_wake_up_reaches_a_poller_while_the_guest_runs(machine):
         t.join(5)
     finally:
         vm.stop_watcher()
-    assert not vm.watching and vm._traced_tids == set()
+    assert not vm.watching and vm._router.traced() == set()
     assert entries(buf.ring) == [at(BUF_ZONE, 0)]
 
 
@@ -301,3 +301,120 @@ def test_more_buffers_than_a_pass_holds(machine):
     assert machine.run(writes) == []
     for n, buf in enumerate(buffers):
         assert entries(buf.ring) == writes[n::12]
+
+
+def test_route_and_len_from_a_vm_ring_handler_deliver_nothing_twice(machine):
+    """route() (and len(), and a vCPU's KVM_RUN) inside a handler of a consumer
+    call on vm.ring must not move what that call is delivering."""
+    vm = machine.vm
+    buf = vm.create_coalesced_buffer()
+    vm.register_coalesced_mmio(VM_ZONE)
+    vm.register_coalesced_mmio2(BUF_ZONE, buf)
+    first = [at(VM_ZONE, i) for i in range(5)]
+    assert machine.run(first) == []
+    later = [at(BUF_ZONE if i % 2 else VM_ZONE, i) for i in range(5, 13)]
+    got = []
+
+    def handler(addr, data, pio):
+        got.append(Write(addr, len(data), int.from_bytes(data, "little")))
+        if len(got) == 1:
+            assert machine.run(later) == []     # a KVM_RUN return: no pass here
+            vm.route()
+            len(vm.ring)
+    vm.ring.consume(handler)
+    vm.ring.consume(handler)
+    assert got == first + [w for w in later if w.addr >= VM_ZONE.addr]
+    assert entries(buf.ring) == [w for w in later if w.addr < VM_ZONE.addr]
+
+
+def test_stop_watcher_from_several_threads_and_close_at_once(machine):
+    vm = machine.vm
+    machine.vcpu(0)
+    for _ in range(3):
+        vm.start_watcher(interval_us=10**6)
+        barrier = threading.Barrier(4)
+
+        def stop() -> None:
+            barrier.wait()
+            vm.stop_watcher()
+        threads = [threading.Thread(target=stop, daemon=True) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in threads), "stop_watcher() hung"
+        assert not vm.watching
+    vm.start_watcher(interval_us=10**6)
+    stopper = threading.Thread(target=vm.stop_watcher, daemon=True)
+    stopper.start()
+    vm.close()
+    stopper.join(10)
+    assert not stopper.is_alive() and not vm.watching
+
+
+def test_stopping_the_watcher_does_not_wait_out_its_interval(machine):
+    vm = machine.vm
+    machine.vcpu(0)
+    vm.start_watcher(interval_us=10**7)            # ten seconds
+    time.sleep(0.05)
+    started = time.monotonic()
+    vm.stop_watcher()
+    assert time.monotonic() - started < 2
+    vm.start_watcher(interval_us=10**7)
+    started = time.monotonic()
+    vm.close()
+    assert time.monotonic() - started < 2
+
+
+def test_the_tracepoint_watcher_closes_the_events_of_ended_threads(machine):
+    from kvmcoal.bench.doorbell import _tracepoint_unavailable
+    why = _tracepoint_unavailable(machine.vm.kvm)
+    if why:
+        pytest.skip(f"the tracepoint wake-up cannot run here: {why}")
+    vm = machine.vm
+    buf = vm.create_coalesced_buffer()
+    vm.register_coalesced_mmio2(BUF_ZONE, buf)
+    machine.vcpu(0)
+    vm.start_watcher(wake="tracepoint", interval_us=1000)
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+        for i in range(140):           # more threads than the watcher traces at once
+            t = threading.Thread(target=machine.run, args=([at(BUF_ZONE, i)],))
+            t.start()
+            t.join(30)
+            buf.wait(5)
+            assert entries(buf.ring) == [at(BUF_ZONE, i)]
+        time.sleep(0.1)
+        assert len(os.listdir("/proc/self/fd")) <= fds + 4    # the last thread's pair, at most
+    finally:
+        vm.stop_watcher()
+
+
+def test_a_bus_over_a_vm_without_a_vcpu(machine):
+    vm = machine.vm
+    bus = Bus(vm)
+    rec = []
+    m = bus.map(FunctionDevice(read=lambda o, s: 7, write=lambda o, s, v: rec.append(v)),
+                BUF_ZONE.addr, 8, coalesced=True, own_buffer=True)
+    assert bus.read(BUF_ZONE.addr, 4) == 7
+    assert bus.flush() == 0
+    bus.unmap(m)
+    bus.close()
+
+
+def test_vm_close_from_a_buffer_handler_is_refused_before_anything_closes(machine):
+    vm = machine.vm
+    buf, other = vm.create_coalesced_buffer(), vm.create_coalesced_buffer()
+    buf.ring.push(BUF_ZONE.addr, b"\1")
+    errors = []
+
+    def handler(addr, data, pio):
+        try:
+            vm.close()
+        except RuntimeError as exc:
+            errors.append(str(exc))
+    buf.ring.consume(handler)
+    assert errors and "one of its buffers" in errors[0]
+    assert not vm.closed and not buf.closed and not other.closed
+    vm.close()
+    assert buf.closed and other.closed

@@ -82,11 +82,13 @@ typedef struct kc_ring {
     /*
      * A router that owns some of the entries (kvmcoal.kvm's on real KVM: the
      * kernel's one ring also carries the writes of zones bound to other
-     * buffers).  Every consumer call runs it first, under the consumer lock;
-     * it moves those entries out and returns how many at the head are this
-     * ring's to deliver, or -1 for all.  NULL: none.
+     * buffers).  Every consumer call runs it first, under the consumer lock,
+     * with move = 1: it moves those entries out and returns how many at the
+     * head are this ring's to deliver, or -1 for all.  With move = 0 (a call
+     * nested in a consumer's handler, which must not move what the outer
+     * call is delivering) it only counts them.  NULL: none.
      */
-    int64_t (*route)(void *ctx);
+    int64_t (*route)(void *ctx, int move);
     void *route_ctx;
 } kc_ring;
 

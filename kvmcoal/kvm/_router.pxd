@@ -7,6 +7,8 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from kvmcoal._ring cimport Ring, kc_entry
 from kvmcoal._zone_bus cimport kc_bus_range
 
+from kvmcoal._ring cimport pthread_mutex_t
+
 cdef extern from "<pthread.h>" nogil:
     ctypedef unsigned long pthread_t
 
@@ -55,13 +57,19 @@ cdef class Router:
     cdef readonly bint watching
     cdef pthread_t thread
     cdef int stopping
+    # Serializes start_watcher/stop_watcher (a join must happen once); the
+    # stop eventfd wakes the watcher from its sleep.
+    cdef pthread_mutex_t watch_lock
+    cdef int stop_efd
     cdef long long interval_ns, spin_ns
     # The tracepoint wake-up: an epoll set of perf events (kvm_mmio, then
     # kvm_pio, per traced vCPU thread) and their ring pages.
     cdef int epfd, safety_ms, n_traced
     cdef int trace_ids[2]
-    cdef int traced_fds[256]
+    cdef int traced_fds[256]            # -1: a free slot
+    cdef int traced_tids[256]
     cdef void *traced_maps[256]
+    cdef size_t trace_map_len
     cdef readonly uint64_t passes
     # CPU time the last watcher thread used, set when it stops.
     cdef readonly long long watcher_cpu_ns
@@ -71,5 +79,6 @@ cdef class Router:
     cdef bint _open_hit(self, int n_open, PyObject *table, uint64_t addr, uint32_t len_,
                         const kc_bus_range **hit) noexcept nogil
     cdef int route_nogil(self) noexcept nogil
+    cdef int64_t own_count(self) noexcept nogil
     cdef void watch(self) noexcept nogil
     cdef void _wait_for_tracepoint(self) noexcept nogil

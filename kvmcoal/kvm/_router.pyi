@@ -47,5 +47,7 @@ class Router:
         """Make the watcher sleep on tracepoint hits instead of a timer."""
     def trace_thread(self, tid: int, mmio_filter: bytes, pio_filter: bytes) -> None:
         """Open the tracepoint events of thread *tid* and watch them."""
+    def traced(self) -> set[int]:
+        """The threads whose tracepoint events are open."""
     def untrace(self) -> None:
         """Close every tracepoint event (the watcher is stopped)."""

@@ -119,9 +119,8 @@ class Vm(ZoneRegistry, OwnsFd):
         # _routing, set once a zone is bound to a buffer.
         self._router: Router | None = None
         self._routing: Router | None = None
-        # The watcher's tracepoint wake-up: on, and the threads traced so far.
+        # The watcher's tracepoint wake-up is on (the router knows the threads).
         self._tracing = False
-        self._traced_tids: set[int] = set()
         self._watcher_args = (100, 0)
         # The ring's creation, vCPU creation and closing, memory, close().  Re-entrant:
         # a signal handler may close the VM in the middle of any of them.
@@ -306,6 +305,10 @@ class Vm(ZoneRegistry, OwnsFd):
         if wake not in ("timer", "tracepoint"):
             raise ValueError(f"wake must be 'timer' or 'tracepoint', not {wake!r}")
         with self._lock:
+            if self._ring is None and not any(v._fd >= 0 for v in self._vcpus):
+                self.fileno()
+                raise ValueError("start_watcher() needs a vCPU: the kernel ring it routes is "
+                                 "mapped through one; create one first")
             self.ring      # maps it, and makes the router
             router = self._router
             assert router is not None
@@ -329,17 +332,24 @@ class Vm(ZoneRegistry, OwnsFd):
             router.start_watcher(interval_us, spin_us)
 
     def stop_watcher(self) -> None:
-        """Stop the watcher thread (and wait for it).  Idempotent."""
-        router = self._router
-        if router is not None and self._pid != -1:
-            router.stop_watcher()
-            self._untrace()
+        """Stop the watcher thread (and wait for it), at once whatever its
+        interval.  Idempotent, from any thread."""
+        with self._lock:
+            router = self._router
+            if router is not None and self._pid != -1:
+                router.stop_watcher()
+                self._untrace()
+
+    def _ring_or_none(self) -> Ring | None:
+        """The kernel ring if it is mapped (a vCPU was created), else None: a Bus
+        flushes it only then (before, no guest can have written it)."""
+        return self.ring if self._ring is not None or self._pid == -1 else None
 
     def _trace_thread(self, tid: int) -> None:
         """Trace thread *tid*'s writes into buffers' zones (the tracepoint wake-up)."""
         with self._lock:
             router = self._router
-            if not self._tracing or router is None or tid in self._traced_tids:
+            if not self._tracing or router is None or tid in router.traced():
                 return
             try:
                 router.trace_thread(tid, *self._trace_filters())
@@ -350,12 +360,11 @@ class Vm(ZoneRegistry, OwnsFd):
                     f"the tracepoint wake-up needs CAP_PERFMON or root (kernel."
                     f"perf_event_paranoid is {_read_int('/proc/sys/kernel/perf_event_paranoid')}"
                     f"): perf_event_open says {exc.strerror}") from None
-            self._traced_tids.add(tid)
 
     def _retrace(self) -> None:
         router = self._router
         assert router is not None
-        tids, running = set(self._traced_tids), router.watching
+        tids, running = router.traced(), router.watching
         interval_us, spin_us = self._watcher_args
         router.stop_watcher()
         self._untrace()
@@ -370,7 +379,6 @@ class Vm(ZoneRegistry, OwnsFd):
         if self._tracing and self._router is not None:
             self._router.untrace()
         self._tracing = False
-        self._traced_tids.clear()
 
     def _trace_filters(self) -> tuple[bytes, bytes]:
         """perf filters matching the writes into zones bound to buffers (none: nothing)."""
@@ -449,6 +457,10 @@ class Vm(ZoneRegistry, OwnsFd):
         if ring is not None and ring._consuming_here():
             raise RuntimeError("Vm.close() called from a handler of a drain of its ring: "
                                "close the VM after the drain returns")
+        if any(buf._ring is not None and not buf.closed and buf._ring._consuming_here()
+               for buf in list(self._buffers)):
+            raise RuntimeError("Vm.close() called from a handler of a consumer call on one of "
+                               "its buffers: close the VM after that call returns")
         buffers: list[CoalescedBuffer] = []
         with self._lock:
             claimed: list[Vcpu] = []
