@@ -615,13 +615,7 @@ cdef class Router:
         while not kc_load_int(&self.stopping):
             self.passes += 1
             before = self.routed
-            # trylock: a consumer holding the lock routed when it began, and
-            # blocking here would tie the watcher to its handlers.
-            if self.active and pthread_mutex_trylock(&self.kring._lock) == 0:
-                if self.kring._live:
-                    self.kring._owner = kc_thread_ident()
-                    self.route_locked()
-                self.kring._exit_consumer()
+            self._try_pass()
             clock_gettime(CLOCK_MONOTONIC, &now)
             t = now.tv_sec * 1000000000LL + now.tv_nsec
             if self.routed != before:
@@ -637,6 +631,15 @@ cdef class Router:
                 ppoll(&stop, 1, &pause, NULL)
         clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now)
         self.watcher_cpu_ns = now.tv_sec * 1000000000LL + now.tv_nsec
+
+    cdef void _try_pass(self) noexcept nogil:
+        """The watcher's pass.  trylock: a consumer holding the lock routed
+        when it began, and blocking here would tie the watcher to its handlers."""
+        if self.active and pthread_mutex_trylock(&self.kring._lock) == 0:
+            if self.kring._live:
+                self.kring._owner = kc_thread_ident()
+                self.route_locked()
+            self.kring._exit_consumer()
 
     cdef void _wait_for_tracepoint(self) noexcept nogil:
         """Sleep until a traced vCPU thread makes an MMIO or PIO write into a
@@ -667,11 +670,7 @@ cdef class Router:
         while self.routed == before and not kc_load_int(&self.stopping):
             # The wake-up may have preempted the vCPU thread that is to write it.
             sched_yield()
-            if self.active and pthread_mutex_trylock(&self.kring._lock) == 0:
-                if self.kring._live:
-                    self.kring._owner = kc_thread_ident()
-                    self.route_locked()
-                self.kring._exit_consumer()
+            self._try_pass()
             clock_gettime(CLOCK_MONOTONIC, &now)
             if now.tv_sec * 1000000000LL + now.tv_nsec >= end:
                 break

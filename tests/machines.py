@@ -9,8 +9,12 @@ and the differential test run on both.
 
 from __future__ import annotations
 
+import contextlib
 import struct
+from collections.abc import Iterator
 from typing import NamedTuple
+
+import pytest
 
 from kvmcoal import EmulatedVm, Entry, kvm
 
@@ -106,6 +110,20 @@ class KvmMachine:
 
     def close(self) -> None:
         self.vm.close()
+
+
+@contextlib.contextmanager
+def kvm_machine() -> Iterator[KvmMachine]:
+    """A KvmMachine on a fresh VM; skips the test, with the reason, without /dev/kvm."""
+    reason = kvm.why_unavailable()
+    if reason is not None:
+        pytest.skip(f"/dev/kvm is not usable here: {reason}")
+    with kvm.Kvm() as k:
+        m = KvmMachine(k.create_vm())
+        try:
+            yield m
+        finally:
+            m.close()
 
 
 def spin(iterations: int) -> Write:

@@ -12,7 +12,7 @@ import pytest
 from kvmcoal import Bus, BufferForkedError, RingCorruptedError, Zone, kvm
 from kvmcoal.devices import Doorbell, FunctionDevice
 
-from .machines import KvmMachine, Write, entries, spin
+from .machines import Write, entries, kvm_machine, spin
 
 pytestmark = pytest.mark.kvm
 
@@ -22,13 +22,8 @@ VM_ZONE = Zone(0x200000, 0x1000)
 
 @pytest.fixture
 def machine():
-    reason = kvm.why_unavailable()
-    if reason is not None:
-        pytest.skip(f"/dev/kvm is not usable here: {reason}")
-    with kvm.Kvm() as k:
-        m = KvmMachine(k.create_vm())
+    with kvm_machine() as m:
         yield m
-        m.close()
 
 
 def at(zone: Zone, i: int, size: int = 4) -> Write:

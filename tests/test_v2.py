@@ -16,9 +16,9 @@ import threading
 
 import pytest
 
-from kvmcoal import Bus, CoalescedBuffer, EmulatedVm, Zone, kvm
+from kvmcoal import CoalescedBuffer, EmulatedVm, Zone
 
-from .machines import EmulatedMachine, KvmMachine, Write, entries, spin
+from .machines import EmulatedMachine, KvmMachine, Write, entries, kvm_machine, spin
 
 Z1 = Zone(0x100000, 0x1000)
 Z2 = Zone(0x101000, 0x1000)
@@ -31,13 +31,8 @@ def machine(request):
         yield m
         m.close()
     else:
-        reason = kvm.why_unavailable()
-        if reason is not None:
-            pytest.skip(f"/dev/kvm is not usable here: {reason}")
-        with kvm.Kvm() as k:
-            m = KvmMachine(k.create_vm())
+        with kvm_machine() as m:
             yield m
-            m.close()
 
 
 def stores(zone: Zone, n: int, start: int = 0, size: int = 8) -> list[Write]:

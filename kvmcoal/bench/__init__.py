@@ -93,38 +93,26 @@ def _transfer(scale: float, blocks: int | None, say: Progress) -> Section:
                             progress=say)
 
 
-def _kvm(scale: float, blocks: int | None, say: Progress) -> Section:
-    from kvmcoal import kvm
+def _on_kvm(module: str, count: int, least: int,
+            blocks: int) -> Callable[[float, int | None, Progress], Section]:
+    """A section that needs /dev/kvm: *count* scaled (at least *least*), *blocks* by default."""
+    def measure(scale: float, blocks_: int | None, say: Progress) -> Section:
+        import importlib
 
-    from . import vmm
-    reason = kvm.why_unavailable()
-    if reason is not None:
-        return {"skipped": f"/dev/kvm cannot be used: {reason}"}
-    # Without gcc the Python VMM runs alone; the C VMM's rows say "missing".
-    return vmm.measure(_count(60_000, scale, 300), 5 if blocks is None else blocks,
-                       progress=say)
-
-
-def _doorbell(scale: float, blocks: int | None, say: Progress) -> Section:
-    from kvmcoal import kvm
-
-    from . import doorbell
-    reason = kvm.why_unavailable()
-    if reason is not None:
-        return {"skipped": f"/dev/kvm cannot be used: {reason}"}
-    return doorbell.measure(_count(300, scale, 20), 3 if blocks is None else blocks,
-                            progress=say)
+        from kvmcoal import kvm
+        reason = kvm.why_unavailable()
+        if reason is not None:
+            return {"skipped": f"/dev/kvm cannot be used: {reason}"}
+        section = importlib.import_module(f"{__name__}.{module}")
+        return section.measure(_count(count, scale, least),
+                               blocks if blocks_ is None else blocks_, progress=say)
+    return measure
 
 
-def _sandbox(scale: float, blocks: int | None, say: Progress) -> Section:
-    from kvmcoal import kvm
-
-    from . import sandbox
-    reason = kvm.why_unavailable()
-    if reason is not None:
-        return {"skipped": f"/dev/kvm cannot be used: {reason}"}
-    return sandbox.measure(_count(30_000, scale, 300), 3 if blocks is None else blocks,
-                           progress=say)
+# Without gcc the kvm section's Python VMM runs alone; the C VMM's rows say "missing".
+_kvm = _on_kvm("vmm", 60_000, 300, 5)
+_doorbell = _on_kvm("doorbell", 300, 20, 3)
+_sandbox = _on_kvm("sandbox", 30_000, 300, 3)
 
 
 _MEASURE: dict[str, Callable[[float, int | None, Progress], Section]] = {

@@ -81,4 +81,5 @@ cdef class Router:
     cdef int route_nogil(self) noexcept nogil
     cdef int64_t own_count(self) noexcept nogil
     cdef void watch(self) noexcept nogil
+    cdef void _try_pass(self) noexcept nogil
     cdef void _wait_for_tracepoint(self) noexcept nogil
