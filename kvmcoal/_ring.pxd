@@ -152,6 +152,7 @@ cdef class Ring:
     cdef int _enter_consumer_nogil(self) noexcept nogil
     cdef void _exit_consumer(self) noexcept nogil
     cdef Py_ssize_t _begin(self, Py_ssize_t limit, uint32_t *first) except -1
+    cdef Py_ssize_t _routed_limit(self, Py_ssize_t limit) noexcept
     cdef int64_t _begin_unrouted(self, uint32_t *first) except -1
     cdef int _consumer_idle(self) except -1
 

@@ -18,7 +18,6 @@ from cpython.long cimport PyLong_FromUnsignedLongLong
 from cpython.number cimport PyNumber_Index
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF
-from cpython.pythread cimport PyThread_get_thread_ident
 from libc.errno cimport errno, EINTR
 from libc.string cimport memcmp, memcpy, memset
 from posix.fcntl cimport fcntl, F_DUPFD_CLOEXEC
@@ -356,19 +355,19 @@ cdef class Ring:
 
     cdef int _enter_consumer(self) except -1:
         """Take the consumer lock: 1 if taken, 0 for a nested call (deliver nothing)."""
+        cdef int rc
         self._check_live()
-        if pthread_mutex_trylock(&self._lock) != 0:
-            if self._owner == PyThread_get_thread_ident():
-                return 0
-            with nogil:
-                pthread_mutex_lock(&self._lock)
-            if not self._live:  # released while we waited
-                pthread_mutex_unlock(&self._lock)
-                self._check_live()
-        self._owner = PyThread_get_thread_ident()
-        return 1
+        if pthread_mutex_trylock(&self._lock) == 0:     # uncontended: keep the GIL
+            self._owner = kc_thread_ident()
+            return 1
+        with nogil:
+            rc = self._enter_consumer_nogil()
+        if rc < 0:              # released while we waited
+            self._check_live()
+        return rc
 
     cdef int _enter_consumer_nogil(self) noexcept nogil:
+        """_enter_consumer for C callers: 1 taken, 0 nested, -1 released (not taken)."""
         if pthread_mutex_trylock(&self._lock) != 0:
             if self._owner == kc_thread_ident():
                 return 0
@@ -387,16 +386,23 @@ cdef class Ring:
         """The start of every consumer call: validate the indices and return how
         many entries from *first* to deliver (at most *limit*; -1: all)."""
         cdef uint32_t bad = 0
-        cdef int64_t pending, own
-        if self._r.route != NULL:
-            own = self._r.route(self._r.route_ctx, 1)
-            if own >= 0 and (limit < 0 or own < limit):
-                limit = <Py_ssize_t>own
+        cdef int64_t pending
+        limit = self._routed_limit(limit)
         pending = kc_ring_begin(&self._r, first, &bad)
         if pending < 0:
             raise _corrupted(&self._r, <int>pending, bad, 0)
         if limit < 0 or pending < limit:
             return <Py_ssize_t>pending
+        return limit
+
+    cdef Py_ssize_t _routed_limit(self, Py_ssize_t limit) noexcept:
+        """*limit* (-1: none), lowered to the ring's own entries when a router
+        shares it (which routes now: the caller holds the consumer lock)."""
+        cdef int64_t own
+        if self._r.route != NULL:
+            own = self._r.route(self._r.route_ctx, 1)
+            if own >= 0 and (limit < 0 or own < limit):
+                return <Py_ssize_t>own
         return limit
 
     cdef int64_t _begin_unrouted(self, uint32_t *first) except -1:
@@ -476,7 +482,7 @@ cdef class Ring:
     cdef int _enter_exclusive(self, str what) except -1:
         """Take the consumer lock for reset/release, which a handler must not call."""
         if pthread_mutex_trylock(&self._lock) != 0:
-            if self._owner == PyThread_get_thread_ident():
+            if self._owner == kc_thread_ident():
                 raise RuntimeError(f"Ring.{what}() called from inside consume()")
             with nogil:
                 pthread_mutex_lock(&self._lock)
@@ -640,7 +646,7 @@ cdef class Ring:
 
     def _consuming_here(self):
         """Whether the calling thread is inside a consumer call (a consume handler)."""
-        return self._owner == PyThread_get_thread_ident()
+        return self._owner == kc_thread_ident()
 
     def _release_after_fork(self):
         """In a forked child: release without the locks a parent thread may hold."""
@@ -816,7 +822,6 @@ cdef class Ring:
         cdef size_t done = 0, fits
         cdef int status = KC_OK
         cdef uint32_t bad = 0, bad_index = 0
-        cdef int64_t own
         self._check_live()
         _get_buffer(out, &view, "drain_into()")
         try:
@@ -827,11 +832,7 @@ cdef class Ring:
             if not self._enter_consumer():
                 return 0
             try:
-                fits = <size_t>view.len // KC_ENTRY_SIZE
-                if self._r.route != NULL:
-                    own = self._r.route(self._r.route_ctx, 1)
-                    if own >= 0 and <size_t>own < fits:
-                        fits = <size_t>own
+                fits = <size_t>self._routed_limit(view.len // KC_ENTRY_SIZE)
                 if min(fits, <size_t>self._r.max - 1) * KC_ENTRY_SIZE <= _BATCH_WITH_GIL_BYTES:
                     # Releasing and retaking the GIL (about 60 ns here, and
                     # a wait of up to the switch interval when another thread
