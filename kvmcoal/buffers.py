@@ -26,9 +26,11 @@ True
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import mmap
 import os
+import resource
 import select
 import socket
 import struct
@@ -61,6 +63,25 @@ def _align8(n: int) -> int:
 
 def _memfd_size(nbytes: int) -> int:
     return _align8(nbytes) + _CONTROL_SIZE
+
+
+# A buffer holds this many file descriptors while it is open: its memfd,
+# its eventfd, the mmap's duplicate of the memfd, and the ring's duplicate
+# of the eventfd (for sleepers, see Ring._sleep).
+FDS_PER_BUFFER = 4
+
+
+def _raise_if_out_of_fds(exc: OSError) -> None:
+    """EMFILE: say how many fds the open buffers hold, and what to do."""
+    if exc.errno != errno.EMFILE:
+        return
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = sum(1 for buf in list(_live_buffers) if not buf.closed)
+    raise OSError(errno.EMFILE,
+                  f"out of file descriptors: a CoalescedBuffer holds {FDS_PER_BUFFER}, this "
+                  f"process has {n} open ({FDS_PER_BUFFER * n} fds) and may have {soft} in "
+                  f"all; raise the limit (ulimit -n, or resource.setrlimit(RLIMIT_NOFILE)), "
+                  f"or close buffers you no longer use") from exc
 
 
 # Buffers alive in this process, invalidated in a forked child.
@@ -111,6 +132,10 @@ class CoalescedBuffer:
             fcntl.fcntl(self._memfd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
             self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._open(nbytes, initialize=True)
+        except OSError as exc:
+            self._teardown()
+            _raise_if_out_of_fds(exc)
+            raise
         except BaseException:
             self._teardown()
             raise
@@ -134,6 +159,10 @@ class CoalescedBuffer:
             buf._memfd = os.dup(memfd)
             buf._efd = os.dup(eventfd)
             buf._open(cls._check_fds(buf._memfd, buf._efd), initialize=False)
+        except OSError as exc:
+            buf._teardown()
+            _raise_if_out_of_fds(exc)
+            raise
         except BaseException:
             buf._teardown()
             raise

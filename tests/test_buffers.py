@@ -803,3 +803,28 @@ def test_an_exception_anywhere_in_close_still_frees_everything():
         del buf
         gc.collect()                     # __del__ finishes what close() did not
         assert _fds() == baseline, f"fds leaked with the exception at {code.co_name}:{target}"
+
+
+def test_running_out_of_fds_says_how_many_the_buffers_hold():
+    """Past RLIMIT_NOFILE, a new buffer's EMFILE names the fds buffers hold and the fix
+    (in a child: the limit is the process's)."""
+    script = textwrap.dedent("""
+        import errno, resource
+        from kvmcoal import CoalescedBuffer
+        from kvmcoal.buffers import FDS_PER_BUFFER
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        held = []
+        try:
+            while True:
+                held.append(CoalescedBuffer())
+        except OSError as exc:
+            assert exc.errno == errno.EMFILE, exc
+            msg = str(exc)
+            assert f"a CoalescedBuffer holds {FDS_PER_BUFFER}" in msg, msg
+            assert f"this process has {len(held)} open" in msg and "ulimit -n" in msg, msg
+        assert 5 < len(held) < 16, len(held)
+        for b in held:
+            b.close()
+        CoalescedBuffer().close()          # nothing leaked by the failed one
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
