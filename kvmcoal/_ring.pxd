@@ -75,7 +75,7 @@ cdef extern from "ring_impl.h" nogil:
                                 int legacy_full_check, int *status)
     int kc_ring_room(const kc_ring *r, uint32_t *room)
     size_t kc_ring_push_gather(const kc_ring *r, const unsigned char *const *runs,
-                               const uint32_t *lengths, size_t n, int checked, int *status)
+                               const uint32_t *lengths, size_t n, int *status)
 
 # PyThread_get_thread_ident needs no GIL (it is pthread_self); Cython's
 # declaration says otherwise.
@@ -168,13 +168,12 @@ cdef class Ring:
     # produce_hold takes the producer lock and says how many entries fit
     # (KC_OK), or releases it and returns KC_PUSH_RELEASED or
     # KC_PUSH_BAD_LAST; produce_gathered pushes the gathered records,
-    # as n runs of adjacent raw records (no more than fit in all; checked:
-    # the caller has checked their len and pio), claims
+    # as n runs of adjacent raw records whose len and pio the caller checked
+    # (no more than fit in all), claims
     # the wakeup and lets go of the lock; it returns how many records went in.
     cdef int produce_hold(self, uint32_t *room) noexcept nogil
     cdef size_t produce_gathered(self, const unsigned char **runs, const uint32_t *lengths,
-                                 size_t n, bint checked, int *status,
-                                 bint *must_wake) noexcept nogil
+                                 size_t n, int *status, bint *must_wake) noexcept nogil
 
     cdef void _close_sleep_fd(self)
     cdef int _enter_exclusive(self, str what) except -1

@@ -761,9 +761,8 @@ cdef class Ring:
         return rc
 
     cdef size_t produce_gathered(self, const unsigned char **runs, const uint32_t *lengths,
-                                 size_t n, bint checked, int *status,
-                                 bint *must_wake) noexcept nogil:
-        cdef size_t done = kc_ring_push_gather(&self._r, runs, lengths, n, checked, status)
+                                 size_t n, int *status, bint *must_wake) noexcept nogil:
+        cdef size_t done = kc_ring_push_gather(&self._r, runs, lengths, n, status)
         must_wake[0] = kc_ring_claim_wakeup(&self._r) if done else False
         pthread_mutex_unlock(&self._plock)
         return done

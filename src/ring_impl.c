@@ -154,16 +154,15 @@ int kc_ring_room(const kc_ring *r, uint32_t *room)
 }
 
 size_t kc_ring_push_gather(const kc_ring *r, const unsigned char *const *runs,
-                           const uint32_t *lengths, size_t n, int checked, int *status)
+                           const uint32_t *lengths, size_t n, int *status)
 {
-    uint32_t start = __atomic_load_n(kc_last_ptr(r), __ATOMIC_RELAXED);
-    uint32_t insert, room, len, pio, bad, head;
-    size_t i, total = 0, done, take;
+    uint32_t insert = __atomic_load_n(kc_last_ptr(r), __ATOMIC_RELAXED);
+    uint32_t room, head;
+    size_t i, total = 0, take;
 
     *status = kc_ring_room(r, &room);
     if (*status != KC_OK)
         return 0;
-    insert = start;
     for (i = 0; i < n && total < room; i++) {
         take = lengths[i];
         if (take > room - total) {
@@ -187,24 +186,8 @@ size_t kc_ring_push_gather(const kc_ring *r, const unsigned char *const *runs,
     }
     if (i < n)
         *status = KC_PUSH_FULL;
-    if (checked) {                        /* the caller checked them all just now */
-        __atomic_store_n(kc_last_ptr(r), insert, __ATOMIC_RELEASE);
-        return total;
-    }
-    /* Then check each where it landed, past last, where no consumer reads yet. */
-    insert = start;
-    for (done = 0; done < total; done++) {
-        unsigned char *slot = kc_slot(r, insert);
-        kc_record_fields(slot, &len, &pio);
-        if (__builtin_expect(kc_fields_bad(len, pio), 0)) {
-            *status = kc_check_copy(len, pio, &bad);
-            break;
-        }
-        kc_mask_data(slot + offsetof(kc_entry, data), len);
-        insert = kc_ring_next(r, insert);
-    }
     __atomic_store_n(kc_last_ptr(r), insert, __ATOMIC_RELEASE);
-    return done;
+    return total;
 }
 
 size_t kc_records_first_bad(const void *records, size_t n, uint32_t *len, uint32_t *pio)

@@ -22,16 +22,15 @@ guest falls back to exits), so no buffer ever sees its entries out of order.
 """
 
 cimport cython
-from cpython.mem cimport PyMem_RawMalloc, PyMem_RawRealloc, PyMem_RawFree
+from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
 from cpython.object cimport PyObject
 from cpython.exc cimport PyErr_SetFromErrno
 from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from kvmcoal._ring cimport (Ring, kc_entry, kc_ring, KC_OK, KC_ENTRY_SIZE, KC_HEADER_SIZE,
-                            kc_record_fields, kc_fields_bad, KC_PUSH_OK,
-                            KC_PUSH_RELEASED, kc_ring_begin, kc_ring_read, kc_ring_next,
+from kvmcoal._ring cimport (Ring, kc_ring, KC_OK, KC_ENTRY_SIZE, KC_HEADER_SIZE,
+                            kc_record_fields, kc_fields_bad, kc_ring_begin, kc_ring_next,
                             kc_ring_publish_first, kc_ring_peek_first, kc_ring_peek_last,
                             pthread_mutex_trylock, pthread_mutex_unlock, check_wake,
                             kc_thread_ident, pthread_mutex_init, pthread_mutex_lock)
@@ -50,7 +49,6 @@ cdef extern from "<time.h>" nogil:
     int CLOCK_MONOTONIC
     int CLOCK_THREAD_CPUTIME_ID
     int clock_gettime(int clk, timespec *ts)
-    int nanosleep(const timespec *req, timespec *rem)
 
 cdef extern from "<sys/epoll.h>" nogil:
     ctypedef union epoll_data_t:
@@ -378,7 +376,7 @@ cdef class Router:
             must_wake = False
             self.routed += (<Ring>self.open_rings[i]).produce_gathered(
                 <const unsigned char **>&self.gather[i * self.gather_stride],
-                &self.gather_len[i * self.gather_stride], self.open_runs[i], True,
+                &self.gather_len[i * self.gather_stride], self.open_runs[i],
                 &status, &must_wake)
             if must_wake:
                 err = (<Ring>self.open_rings[i]).wake_consumer()

@@ -3,7 +3,8 @@
 
 The producer side of kvmcoal.EmulatedVm: the part of a vCPU's write that
 runs on every store.  EmulatedVm keeps the zones and buffers and hands this
-layer flat, sorted tables; a write finds its zone here and pushes into that
+layer tables in the kernel's bus order; a write finds its zone here with
+the kernel's walk (src/io_bus.h) and pushes into that
 zone's Ring through the C interface kvmcoal/_ring.pxd declares.
 """
 

@@ -320,16 +320,15 @@ size_t kc_ring_push_records(const kc_ring *r, const void *records, size_t n,
 int kc_ring_room(const kc_ring *r, uint32_t *room);
 /*
  * Push n runs of raw records, run i being lengths[i] adjacent records at
- * runs[i] (any alignment), in order: copied a run at a time, checked where
- * they landed, last published once.  As kc_ring_push_records, without the
- * old full check: the router's push of one buffer's entries gathered from
- * the kernel ring.  With checked, the caller has just checked every
- * record's len and pio itself, and they are copied as they are (the
- * kernel's own producer leaves the bytes past len as they were too; a
- * consumer masks them).  Returns how many records went in.
+ * runs[i] (any alignment), in order: copied a run at a time as they are,
+ * last published once; no more than fit (*status KC_PUSH_FULL then).  The
+ * caller has checked every record's len and pio: the router, pushing one
+ * buffer's entries gathered from the kernel ring (the kernel's own
+ * producer leaves the bytes past len as they were too; a consumer masks
+ * them).  Without the old full check.  Returns how many records went in.
  */
 size_t kc_ring_push_gather(const kc_ring *r, const unsigned char *const *runs,
-                           const uint32_t *lengths, size_t n, int checked, int *status);
+                           const uint32_t *lengths, size_t n, int *status);
 /*
  * The index of the first of n raw records whose len or pio is bad (its
  * values in *len and *pio), or n if all are good.
