@@ -1,9 +1,11 @@
-"""Build kvmcoal's four C extensions, one per concept:
+"""Build kvmcoal's five C extensions, one per concept:
 
 - kvmcoal._ring       the ring (src/ring.pyx, src/ring_impl.c; its C header
                       kvmcoal/include/ring_impl.h and Cython interface
                       kvmcoal/_ring.pxd ship with the package for cimporters);
 - kvmcoal._zone_bus   the emulated kernel's zone bus (src/zone_bus.pyx, src/grace.h),
+                      which cimports the ring;
+- kvmcoal._dispatch    the Bus's delivery from rings to devices (src/dispatch.pyx),
                       which cimports the ring;
 - kvmcoal.kvm._router the v2 API's router on real KVM (src/router.pyx), which
                       cimports the ring and the zone tables (src/io_bus.h, the
@@ -42,6 +44,7 @@ setup(
         [extension("kvmcoal._ring", ["src/ring.pyx", "src/ring_impl.c"], []),
          extension("kvmcoal._zone_bus", ["src/zone_bus.pyx"],
                    ["src/grace.h", "src/io_bus.h", "kvmcoal/_zone_bus.pxd"]),
+         extension("kvmcoal._dispatch", ["src/dispatch.pyx"], ["kvmcoal/_dispatch.pxd"]),
          extension("kvmcoal.kvm._router", ["src/router.pyx"],
                    ["src/io_bus.h", "kvmcoal/_zone_bus.pxd", "kvmcoal/kvm/_router.pxd"]),
          extension("kvmcoal.kvm._abi", ["src/kvm_abi.pyx"],

@@ -15,6 +15,17 @@ cdef extern from "ring_impl.h" nogil:
         uint32_t pio
         uint8_t data[8]
 
+    ctypedef struct kc_pending:
+        uint32_t any
+        uint64_t bits[1]      # KC_PENDING_BITS / 64 words
+
+    enum: KC_PENDING_BITS
+    void kc_pending_mark(kc_pending *p, uint32_t bit)
+    int kc_pending_take_any(kc_pending *p)
+    int kc_pending_maybe(const kc_pending *p)
+    uint64_t kc_pending_take_word(kc_pending *p, uint32_t word)
+    void kc_pending_restore(kc_pending *p, uint32_t word, uint64_t bits)
+
     ctypedef struct kc_ring:
         unsigned char *base
         uint32_t max
@@ -22,6 +33,8 @@ cdef extern from "ring_impl.h" nogil:
         int efd_shared
         int64_t (*route)(void *ctx, int move) noexcept nogil
         void *route_ctx
+        kc_pending *pending
+        uint32_t pending_bit
 
     size_t KC_ENTRY_SIZE
     size_t KC_HEADER_SIZE
@@ -53,6 +66,8 @@ cdef extern from "ring_impl.h" nogil:
     void kc_ring_publish_first(const kc_ring *r, uint32_t first)
     uint32_t kc_ring_next(const kc_ring *r, uint32_t idx)
     uint64_t kc_entry_value(const kc_entry *e)
+    void kc_note_depth(uint32_t *high_water, uint32_t depth)
+    uint32_t kc_ring_depth(const kc_ring *r)
 
     int kc_ring_init(kc_ring *r, void *base, size_t nbytes)
     int kc_ring_push(const kc_ring *r, uint64_t phys_addr, const void *data, uint32_t len,
@@ -66,7 +81,8 @@ cdef extern from "ring_impl.h" nogil:
     int kc_ring_claim_wakeup(const kc_ring *r)
     int kc_ring_signal(const kc_ring *r)
     int kc_ring_notify_producer(const kc_ring *r)
-    int kc_ring_notify_consumer_idle(const kc_ring *r)
+    int kc_ring_signalled(const kc_ring *r)
+    int kc_ring_notify_consumer_idle(const kc_ring *r, int force)
     int kc_wait_readable(int efd, int timeout_ms)
     size_t kc_records_first_bad(const void *records, size_t n, uint32_t *len, uint32_t *pio)
     void kc_record_fields(const unsigned char *rec, uint32_t *len, uint32_t *pio)
@@ -99,6 +115,8 @@ cdef uint64_t _as_u64(object value, str what) except? 0xFFFFFFFFFFFFFFFF
 cdef int _get_buffer(object obj, Py_buffer *view, str what, bint writable=*) except -1
 # Validate a write given from Python (phys_addr, data, pio) and build its record.
 cdef int _fill_entry(kc_entry *e, object phys_addr, object data, object pio) except -1
+# The RingCorruptedError for a consumer's kc_status (bad: the value, index: the slot).
+cdef object _corrupted(const kc_ring *r, int status, uint32_t bad, uint32_t index)
 # Raise OSError for a failed wake_consumer() (err is -errno; 0 is success).
 cdef int check_wake(int err) except -1
 
@@ -138,6 +156,12 @@ cdef class Ring:
     cdef int _sleep_fd
     cdef int _sleepers
     cdef bint _initialising
+    # Statistics (Ring._stats()): the most entries seen pending at once, by
+    # a producer of this process after a push or by a consumer call at its
+    # start; how many entries consumer calls have taken out, and in how many calls.
+    cdef uint32_t _high_water
+    cdef uint64_t _taken
+    cdef uint64_t _passes      # consumer calls that took entries
 
     cdef int _init(self, buffer, nbytes, legacy_full_check) except -1
     cdef bint _overlaps(self, const void *buf, Py_ssize_t n)
@@ -154,7 +178,11 @@ cdef class Ring:
     cdef Py_ssize_t _begin(self, Py_ssize_t limit, uint32_t *first) except -1
     cdef Py_ssize_t _routed_limit(self, Py_ssize_t limit) noexcept
     cdef int64_t _begin_unrouted(self, uint32_t *first) except -1
-    cdef int _consumer_idle(self) except -1
+    # On leaving the ring empty: clear the wakeup (the eventfd is read only
+    # if it was signalled, unless *force*: a consumer about to sleep).
+    cdef int _consumer_idle(self, bint force=*) except -1
+    # Join the pending set *p* as bit *bit* (NULL: leave it); see kc_pending.
+    cdef void _join_pending(self, kc_pending *p, uint32_t bit) noexcept
 
     # The producer side, callable without the GIL: produce pushes one
     # entry under the producer lock (a kc_push_result, or KC_PUSH_RELEASED)

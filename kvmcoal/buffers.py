@@ -273,6 +273,19 @@ class CoalescedBuffer:
         """True after :meth:`close` (or in a child that inherited it, once closed there)."""
         return self._closed
 
+    def stats(self) -> dict[str, int]:
+        """Counters of this buffer's ring, as plain values.
+
+        ``pending``: entries in it now; ``depth_high_water``: the most seen
+        in it at once, by a producer of this process after a push or by a
+        consumer call as it started; ``entries_consumed``: entries consumer
+        calls of this process took out, in ``consumer_passes`` calls.
+        """
+        self._check()
+        high, taken, passes = self._ring._stats()
+        return {"pending": len(self._ring), "depth_high_water": high,
+                "entries_consumed": taken, "consumer_passes": passes}
+
     def fileno(self) -> int:
         """The eventfd: readable while the ring holds entries (level-triggered).
 
@@ -349,7 +362,7 @@ class CoalescedBuffer:
         while True:
             if len(ring):
                 return True
-            ring.drain(0)  # an empty consumer pass: clears the wakeup, re-checks the ring
+            ring._clear_wakeup()  # an empty ring's eventfd, cleared before sleeping on it
             if deadline is None:
                 ms = -1
             else:   # a long timeout sleeps in steps: poll() takes an int of ms
@@ -374,7 +387,7 @@ class CoalescedBuffer:
         loop = asyncio.get_running_loop()
         ring = self._ring
         while not len(ring):
-            ring.drain(0)
+            ring._clear_wakeup()
             if len(ring):
                 break
             self._check()

@@ -26,6 +26,13 @@ A flush never restarts itself: a device that touches the bus while it is
 being replayed does not start a nested flush (QEMU's flush-in-progress rule),
 and every entry is delivered exactly once.
 
+Delivery is C (:mod:`kvmcoal._dispatch`): the flush finds each entry's
+mapping, computes the offset and value and calls the device's ``write``
+itself, or hands a run of entries at once to a *batch device*, one with a
+``write_many(records, origin)`` method (see :class:`BatchDevice`).  A flush
+with nothing pending costs no system call and does not look at every
+buffer: producers mark the buffers they fill.
+
 >>> from kvmcoal import Bus, EmulatedVm
 >>> from kvmcoal.devices import IndexDataPair
 >>> vm = EmulatedVm()
@@ -41,18 +48,25 @@ and every entry is delivered exactly once.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
+import select
 import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from . import _dispatch
 from ._ring import Ring
-from .buffers import CoalescedBuffer
+from .buffers import FDS_PER_BUFFER, CoalescedBuffer
 from .errors import BusError, MappingOverlapError, RingCorruptedError, UnmappedAccessError
 from .zones import Zone
 
-__all__ = ["Bus", "Device", "Mapping"]
+__all__ = ["BATCH_LIMIT", "BatchDevice", "Bus", "Device", "Mapping"]
+
+BATCH_LIMIT = _dispatch.BATCH_LIMIT
+"""The most records one ``write_many`` call receives (a longer run comes in several)."""
 
 
 class Device(Protocol):
@@ -63,6 +77,26 @@ class Device(Protocol):
 
     def write(self, offset: int, size: int, value: int) -> None:
         """A *size*-byte store of *value* (an int, little-endian) at *offset*."""
+
+
+class BatchDevice(Device, Protocol):
+    """A device that takes a flush's run of its coalesced writes in one call.
+
+    ``write_many(records, origin)`` receives consecutive entries of one ring
+    that are all this device's, as raw ABI records (``struct
+    kvm_coalesced_mmio``, 24 bytes each): a read-only numpy array of
+    :data:`kvmcoal.ENTRY_DTYPE` when numpy is installed, else a read-only
+    memoryview of the bytes (both support the buffer protocol, so
+    ``numpy.frombuffer(records, ENTRY_DTYPE)`` and ``struct.iter_unpack``
+    work on either).  ``phys_addr`` is the guest address; the device offset
+    is ``phys_addr - origin``.  Entries for other devices between its own
+    split the run, so every device still sees the ring's order; a run holds
+    at most :data:`BATCH_LIMIT` records.  Writes that exit (not coalesced,
+    or refused by a full ring) still arrive through ``write``.
+    """
+
+    def write_many(self, records: Any, origin: int) -> None:
+        """A run of this device's coalesced writes, oldest first."""
 
 
 class Producer(Protocol):
@@ -90,8 +124,8 @@ class Mapping:
             delivers the pending writes first.
         device_offset: the offset the device sees at ``base``.
         buffer: the mapping's own CoalescedBuffer (``own_buffer=True``), or None.
-        end, delta: derived, for dispatch: ``base + size``, and what an address
-            minus gives the device's offset.
+        end, delta: derived: ``base + size``, and what an address minus gives
+            the device's offset (a batch device's *origin*).
     """
 
     device: Device
@@ -102,11 +136,10 @@ class Mapping:
     flush_on_access: bool = False
     device_offset: int = 0
     buffer: CoalescedBuffer | None = None
-    _poller: threading.Thread | None = field(default=None, repr=False)
-    # Derived once for the dispatch path: the end of the range, and what to
-    # subtract from an address to get the device's offset.
     end: int = field(init=False, repr=False)
     delta: int = field(init=False, repr=False)
+    # What delivery in C knows of it (kvmcoal._dispatch.Target).
+    _target: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.end = self.base + self.size
@@ -119,10 +152,39 @@ class Mapping:
     def contains(self, addr: int, size: int) -> bool:
         return self.base <= addr and addr + size <= self.end
 
+    def stats(self) -> dict[str, Any]:
+        """Counters of this mapping, as plain values.
+
+        ``delivered``: coalesced writes delivered from rings; ``direct``:
+        writes delivered at once (exits, or :meth:`Bus.write` on a
+        non-coalesced mapping or a full ring); ``flushes``: flushes (and
+        poller passes) that found entries for it; ``largest_batch``: the
+        most entries it received in one of those; ``buffer``: its own
+        buffer's :meth:`~kvmcoal.CoalescedBuffer.stats`, or None.
+        """
+        out: dict[str, Any] = {"device": type(self.device).__name__, "base": self.base,
+                               "size": self.size, "pio": self.pio, "coalesced": self.coalesced}
+        out.update(self._target.stats() if self._target is not None else
+                   {"delivered": 0, "direct": 0, "flushes": 0, "largest_batch": 0})
+        out["buffer"] = (self.buffer.stats() if self.buffer is not None
+                         and not self.buffer.closed else None)
+        return out
+
     def __str__(self) -> str:
         kind = "port" if self.pio else "MMIO"
         return (f"{type(self.device).__name__} at {kind} "
                 f"[{self.base:#x}, {self.base + self.size:#x})")
+
+
+def _records_factory() -> Any:
+    """What write_many receives for a run's bytes: a numpy view, or a memoryview."""
+    try:
+        import numpy
+
+        from . import ENTRY_DTYPE
+    except ImportError:
+        return memoryview
+    return functools.partial(numpy.frombuffer, dtype=ENTRY_DTYPE)
 
 
 # Buses alive in this process: a forked child gets fresh locks (a poller
@@ -133,9 +195,9 @@ _live_buses: weakref.WeakSet[Bus] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     for bus in list(_live_buses):
-        bus._deliver_lock = threading.RLock()
+        bus._dispatch._after_fork()
         bus._maps_lock = threading.Lock()
-        bus._flushing = threading.local()
+        bus._pollers = None          # the parent's threads are not here
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -166,17 +228,28 @@ class Bus:
         self.direct_writes = 0
         """Writes :meth:`write` delivered at once (not coalesced, or refused by a full ring)."""
         self._maps: dict[bool, list[Mapping]] = {False: [], True: []}
-        self._flushing = threading.local()
-        # Every delivery from a ring happens under this one lock, taken
-        # before any ring's consumer lock: a device that reads the bus while
-        # a poller delivers to it then cannot deadlock against another
+        # Every delivery from a ring happens under the dispatcher's lock,
+        # taken before any ring's consumer lock: a device that reads the bus
+        # while a poller delivers to it then cannot deadlock against another
         # poller (or the vCPU thread) taking the rings in the other order.
-        self._deliver_lock = threading.RLock()
+        # It holds the bus weakly: a Bus nobody holds is still collected.
+        self._dispatch = _dispatch.Dispatcher(_unmapped_entry(weakref.ref(self)),
+                                              _records_factory())
+        if producer is not None:
+            ring_or_none = getattr(producer, "_ring_or_none", None)
+            if ring_or_none is not None:      # a kvm.Vm maps its ring with its first vCPU
+                self._dispatch.set_vm_ring(None, ring_or_none)
+            else:
+                self._dispatch.set_vm_ring(producer.ring)
+        # The hot paths go straight to C: these shadow the methods below,
+        # which say what they do.
+        self.flush = self._dispatch.flush         # type: ignore[method-assign]
+        self.deliver = self._dispatch.deliver     # type: ignore[method-assign]
         self._maps_lock = threading.Lock()   # map()/unmap() replace _maps one at a time
+        self._pollers: _Pollers | None = None
         _live_buses.add(self)
-        self._stop = threading.Event()
         self.poller_errors: list[tuple[Mapping, BaseException]] = []
-        """Exceptions device models raised on poller threads (the poller goes on)."""
+        """Exceptions device models raised on poller threads (the pollers go on)."""
 
     # -- mapping --
 
@@ -189,6 +262,8 @@ class Bus:
         producer's VM-wide ring, or with ``own_buffer`` a CoalescedBuffer of
         the mapping's own, drained by :meth:`start_pollers` or
         :meth:`poll_async` as writes arrive, for doorbell-style devices).
+        A device with a ``write_many`` method gets its coalesced writes in
+        batches (:class:`BatchDevice`).
         """
         if self._closed:
             raise ValueError("operation on a closed Bus")
@@ -201,6 +276,9 @@ class Bus:
         zone = mapping.zone   # validates base and size
         if size == 0:
             raise ValueError("a mapping needs a size of at least 1")
+        if not 0 <= mapping.delta < 1 << 64:
+            raise ValueError(f"device_offset={device_offset:#x} is past base={base:#x}: "
+                             f"the device's offsets would be negative")
         for other in self._maps[mapping.pio]:
             if other.base < base + size and base < other.base + other.size:
                 raise MappingOverlapError(f"{mapping} overlaps {other}")
@@ -228,12 +306,20 @@ class Bus:
                     raise
             else:
                 producer.register_coalesced_mmio(zone)
-        # A new list, not an append: deliver() on another thread may be walking
+        mapping._target = _dispatch.Target(
+            mapping, device, base, size, pio, mapping.delta,
+            mapping.buffer.ring if mapping.buffer is not None else None)
+        # A new list, not an append: code on another thread may be walking
         # the old one (copy-on-write; the replacement is one atomic store).
         with self._maps_lock:
             added = not self._closed     # close() marks itself under this lock
             if added:
                 self._maps[mapping.pio] = self._maps[mapping.pio] + [mapping]
+                self._dispatch.set_targets(pio, [m._target for m in self._maps[pio]])
+                if mapping.buffer is not None:
+                    self._dispatch.add_buffer(mapping._target)
+                    if self._pollers is not None:
+                        self._pollers.add(mapping)
         if not added:                    # closed meanwhile: undo the registration
             if coalesced and not self._producer_closed():
                 producer = self._need_producer()
@@ -258,9 +344,9 @@ class Bus:
         if mapping.coalesced and self._producer_closed():
             # Closing the producer unbound its zones and released its rings:
             # there is nothing left to unregister or deliver.
+            self._remove_mapping(mapping)
             if mapping.buffer is not None:
                 mapping.buffer.close()
-            self._remove_mapping(mapping)
         elif mapping.coalesced:
             # Stop new writes coalescing first, then deliver what is queued,
             # and only then let go of the mapping and its buffer.
@@ -272,38 +358,35 @@ class Bus:
             try:
                 self.flush()
                 if mapping.buffer is not None:
-                    with self._deliver_lock:
-                        self._drain_buffer(mapping)
+                    self._dispatch.drain(mapping._target)
             finally:
                 # Even if the flush raised (a device failed, a ring is corrupted),
                 # the mapping goes: otherwise it could never be removed.
-                if mapping.buffer is not None:
-                    with self._deliver_lock:
-                        mapping.buffer.close()
-                    # The poller sees the buffer closed and ends.  Wait for it,
-                    # unless this thread is it, or holds the lock it needs to
-                    # get there (unmap() from a device handler).
-                    poller = mapping._poller
-                    if (poller is not None and poller is not threading.current_thread()
-                            and not self._deliver_lock._is_owned()):  # type: ignore[attr-defined]
-                        poller.join(5)
                 self._remove_mapping(mapping)
+                if mapping.buffer is not None:
+                    # Under the delivery lock: a poller that is delivering
+                    # from it finishes first.
+                    with self._dispatch:
+                        mapping.buffer.close()
         else:
             self._remove_mapping(mapping)
 
     def _remove_mapping(self, mapping: Mapping) -> None:
-        # Copy-on-write, as in map().
+        # Copy-on-write, as in map().  The pollers forget its buffer first:
+        # its eventfd is about to be closed.
         with self._maps_lock:
+            if mapping.buffer is not None:
+                if self._pollers is not None:
+                    self._pollers.remove(mapping)
+                self._dispatch.remove_buffer(mapping._target)
             self._maps[mapping.pio] = [m for m in self._maps[mapping.pio] if m is not mapping]
+            self._dispatch.set_targets(mapping.pio, [m._target for m in self._maps[mapping.pio]])
 
     def find(self, addr: int, size: int = 1, *, pio: bool = False) -> Mapping | None:
         """The mapping that holds ``[addr, addr + size)``, or None."""
         if pio is not True and pio is not False:
             _check_flags(pio=pio)
-        for mapping in self._maps[pio]:
-            if mapping.contains(addr, size):
-                return mapping
-        return None
+        return self._dispatch.find(addr, size, pio)   # type: ignore[no-any-return]
 
     @property
     def mappings(self) -> list[Mapping]:
@@ -319,10 +402,10 @@ class Bus:
         if type(size) is not int or not 0 < size <= 8:
             _check_access(size)
         self.flush()
-        mapping = self.find(addr, size, pio=pio)
+        mapping = self._dispatch.find(addr, size, pio)
         if mapping is None:
             return self._unmapped(addr, size, pio, "read")
-        return mapping.device.read(addr - mapping.delta, size)
+        return mapping.device.read(addr - mapping.delta, size)  # type: ignore[no-any-return]
 
     def write(self, addr: int, size: int, value: int, *, pio: bool = False) -> None:
         """A store of the int *value* (little-endian, *size* bytes): coalesced where the
@@ -336,37 +419,35 @@ class Bus:
             _check_access(size)
         if not 0 <= value < 1 << (8 * size):
             raise ValueError(f"value={value:#x} does not fit a {size}-byte write")
-        mapping = self.find(addr, size, pio=pio)
-        if mapping is None:
+        if pio is not True and pio is not False:
+            _check_flags(pio=pio)
+        target = self._dispatch.target(addr, size, pio)
+        if target is None:
             self._unmapped(addr, size, pio, "write")
             return
+        mapping = target.mapping
         if mapping.flush_on_access:
             self.flush()
         if mapping.coalesced:
             write = getattr(self.producer, "write", None)
-            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-            if write is not None and write(addr, data, pio=pio):
+            if write is not None and write(addr, value.to_bytes(size, "little"), pio=pio):
                 return
             self.flush()   # refused (ring full): the exit path, after what is queued
         self.direct_writes += 1
+        target.count_direct()
         mapping.device.write(addr - mapping.delta, size, value)
 
     # -- the consumer side --
 
     def deliver(self, addr: int, data: bytes, pio: bool) -> None:
-        """Deliver one write as it comes from a ring or an exit.
+        """Deliver one write now, as an exit brings it: *data* is its bytes.
 
-        The handler :meth:`flush` gives each ring's ``consume``; draining a
-        ring with ``ring.consume(bus.deliver)`` yourself skips the bus's
-        delivery lock (see the module docstring).
+        The handler the run loop gives exits (:meth:`run`).  Draining a ring
+        with ``ring.consume(bus.deliver)`` yourself skips the bus's delivery
+        lock (see the module docstring); each call counts as a direct
+        access of its mapping.
         """
-        # The replay hot path: find() inlined.
-        size = len(data)
-        for mapping in self._maps[pio]:
-            if mapping.base <= addr and addr + size <= mapping.end:
-                mapping.device.write(addr - mapping.delta, size, int.from_bytes(data, "little"))
-                return
-        self._unmapped(addr, size, pio, "write")
+        self._dispatch.deliver(addr, data, pio)
 
     def load(self, addr: int, size: int, pio: bool) -> int:
         """Answer a guest load or ``in`` (the run loop's read handler)."""
@@ -376,44 +457,17 @@ class Bus:
         """Deliver every pending coalesced write to its device, in ring order.
 
         Each ring is delivered in its own order: the producer's VM-wide ring
-        first, then the mappings' own buffers.  Returns how many entries were
-        delivered.  A flush called while one is in progress on this thread
-        (a device touching the bus during replay) returns 0 at once; the
-        outer flush delivers the rest in order.
+        first, then the mappings' own buffers that hold entries.  Returns
+        how many entries were delivered.  A flush called while one is in
+        progress on this thread (a device touching the bus during replay)
+        returns 0 at once; the outer flush delivers the rest in order.  On
+        real KVM, draining the VM ring first routes it: entries a full
+        buffer held back move once draining it made room, so a flush ends
+        with the kernel ring empty (or holding only entries for a buffer
+        that is not this bus's).  With nothing pending it makes no system
+        call and touches no buffer.
         """
-        if (self.producer is None or getattr(self._flushing, "active", False)
-                or self._producer_closed()):   # its rings went with it
-            return 0
-        # A kvm.Vm maps its ring with its first vCPU: before, nothing is in it.
-        ring_or_none = getattr(self.producer, "_ring_or_none", None)
-        ring = ring_or_none() if ring_or_none is not None else self.producer.ring
-        with self._deliver_lock:
-            return self._flush_locked(ring)
-
-    def _flush_locked(self, ring: Ring | None) -> int:
-        self._flushing.active = True
-        # On real KVM, ring.consume() first routes the kernel ring: entries a
-        # full buffer held back move once draining it made room, so the loop
-        # ends with the kernel ring empty (or holding only entries for a
-        # buffer that is not this bus's).
-        try:
-            delivered = 0
-            while True:   # writes made during the replay are flushed too
-                n = ring.consume(self.deliver) if ring is not None else 0
-                for mapping in self.mappings:
-                    if mapping.buffer is not None:
-                        n += self._drain_buffer(mapping)
-                if not n:
-                    return delivered
-                delivered += n
-        finally:
-            self._flushing.active = False
-
-    def _drain_buffer(self, mapping: Mapping) -> int:
-        assert mapping.buffer is not None
-        if mapping.buffer.closed:
-            return 0
-        return mapping.buffer.ring.consume(self.deliver)
+        return self._dispatch.flush()   # type: ignore[no-any-return]
 
     def run(self, vcpu: Any) -> Any:
         """Run a kvm.Vcpu to HLT with this bus as its devices (flushing before every exit)."""
@@ -421,30 +475,85 @@ class Bus:
 
     # -- pollers for own-buffer mappings --
 
-    def start_pollers(self) -> None:
-        """Start a thread per own-buffer mapping that delivers its writes as they arrive."""
+    def start_pollers(self, threads: int = 1) -> None:
+        """Deliver every own-buffer mapping's writes as they arrive, from *threads* threads.
+
+        The threads sleep in one epoll set holding every own buffer's
+        eventfd (mappings made later join it, unmapped ones leave it), so a
+        bus of hundreds of doorbells needs *threads* threads and two fds
+        more than its buffers.  Idempotent once started.  A device that
+        raises is recorded in :attr:`poller_errors` and the pollers go on;
+        a buffer whose ring is corrupted is recorded once and no longer
+        polled.
+        """
         if self._closed:
             raise ValueError("operation on a closed Bus")
-        for mapping in self.mappings:
-            if mapping.buffer is not None and mapping._poller is None:
-                # The thread holds the bus weakly: a Bus dropped without close()
-                # is still collected, and its pollers then end.
-                mapping._poller = threading.Thread(target=_poll, args=(weakref.ref(self), mapping),
-                                                   name=f"kvmcoal-poller {mapping}", daemon=True)
-                mapping._poller.start()
+        if isinstance(threads, bool) or not isinstance(threads, int):
+            raise TypeError(f"threads must be an int, not {type(threads).__name__!r}")
+        if threads < 1:
+            raise ValueError(f"threads={threads}: start at least one poller thread")
+        pollers = self._need_pollers()
+        pollers.start(threads)
 
-    async def poll_async(self, mapping: Mapping) -> None:
-        """An asyncio task body delivering *mapping*'s own-buffer writes as they arrive."""
+    @property
+    def poller_threads(self) -> int:
+        """How many poller threads run."""
+        pollers = self._pollers
+        return 0 if pollers is None else sum(t.is_alive() for t in pollers.threads)
+
+    def _need_pollers(self) -> _Pollers:
+        with self._maps_lock:
+            if self._pollers is None:
+                self._pollers = _Pollers(weakref.ref(self))
+                for mapping in self.mappings:
+                    if mapping.buffer is not None:
+                        self._pollers.add(mapping)
+            return self._pollers
+
+    async def poll_async(self, mapping: Mapping | None = None) -> None:
+        """An asyncio task body delivering own-buffer writes as they arrive.
+
+        Without *mapping*: every own-buffer mapping's, now and later, from
+        one reader on the pollers' epoll set.  With one: only that
+        mapping's.  Either way it returns (quietly) when the bus is closed,
+        or when the one mapping is unmapped; cancel it to stop it earlier.
+        """
+        if mapping is not None:
+            await self._poll_one_async(mapping)
+            return
+        if self._closed:
+            return
+        pollers = self._need_pollers()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def on_readable() -> None:
+            if pollers.serve(block=False) and not done.done():
+                done.set_result(None)
+
+        try:
+            fd = pollers.dup_fileno()
+        except (OSError, ValueError):     # closed meanwhile
+            return
+        try:
+            loop.add_reader(fd, on_readable)
+            try:
+                await done
+            finally:
+                loop.remove_reader(fd)
+        finally:
+            os.close(fd)
+
+    async def _poll_one_async(self, mapping: Mapping) -> None:
         if mapping.buffer is None:
             raise BusError(f"{mapping} has no buffer of its own")
         buf = mapping.buffer
         while True:
             try:
                 await buf.wait_async()
-                with self._deliver_lock:
-                    buf.ring.consume(self.deliver)
+                self._dispatch.drain(mapping._target)
             except ValueError:
-                if buf.closed:       # unmapped, or the bus closed: end, as a poller thread does
+                if buf.closed:       # unmapped, or the bus closed: end, as a poller does
                     return
                 raise
 
@@ -464,7 +573,9 @@ class Bus:
             self.flush()
         except Exception as exc:
             errors.append(exc)
-        self._stop.set()
+        pollers, self._pollers = self._pollers, None
+        if pollers is not None:
+            pollers.close()
         for mapping in list(self.mappings):
             try:
                 self.unmap(mapping)
@@ -484,6 +595,27 @@ class Bus:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    # -- statistics --
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the bus and of each mapping, as plain values (see :meth:`Mapping.stats`).
+
+        ``flushes``: flushes that had something to do (a flush that finds
+        nothing pending returns before counting); ``flushes_with_entries``:
+        those that delivered entries; ``delivered``: entries delivered from
+        rings; ``direct_writes``, ``unmapped_accesses`` as the attributes;
+        ``poller_threads``; ``fds``: the fds its buffers and pollers hold.
+        """
+        d = self._dispatch
+        own = sum(1 for m in self.mappings if m.buffer is not None and not m.buffer.closed)
+        pollers = self._pollers
+        return {"flushes": d.flushes, "flushes_with_entries": d.flushes_with_entries,
+                "delivered": d.delivered, "direct_writes": self.direct_writes,
+                "unmapped_accesses": self.unmapped_accesses,
+                "poller_threads": self.poller_threads,
+                "fds": FDS_PER_BUFFER * own + (_Pollers.FDS if pollers is not None else 0),
+                "mappings": [m.stats() for m in self.mappings]}
 
     # -- helpers --
 
@@ -510,6 +642,15 @@ class Bus:
         return (1 << (8 * size)) - 1
 
 
+def _unmapped_entry(bus_ref: weakref.ref[Bus]) -> Any:
+    """The dispatcher's handler for an entry no mapping holds (the bus held weakly)."""
+    def unmapped(addr: int, size: int, pio: bool, what: str) -> None:
+        bus = bus_ref()
+        if bus is not None:
+            bus._unmapped(addr, size, pio, what)
+    return unmapped
+
+
 def _check_flags(**flags: object) -> None:
     """Flags are bools: ``pio="no"`` is a mistake, not a port mapping."""
     for name, value in flags.items():
@@ -524,40 +665,119 @@ def _check_access(size: object) -> None:
         raise ValueError(f"size={size}: an access is 1 to 8 bytes")
 
 
-def _poll(bus_ref: weakref.ref[Bus], mapping: Mapping) -> None:
-    """A poller thread's body: deliver *mapping*'s own-buffer writes as they arrive.
+class _Pollers:
+    """One epoll set over a bus's own buffers, and the threads that sleep in it.
 
-    It holds the bus only while it delivers, so a Bus nobody else holds is
-    collected (and closed) while its pollers sleep; they then end.
+    Each buffer's eventfd is in the set one-shot: the thread that gets its
+    event drains it and re-arms it, so no two threads drain one buffer at
+    once for nothing.  A stop eventfd, level-triggered, ends every thread.
+    The threads hold the bus only while they deliver.
     """
-    buf = mapping.buffer
-    assert buf is not None
-    while not buf.closed:
-        bus = bus_ref()
-        if bus is None or bus._stop.is_set():
-            return
-        errors = bus.poller_errors
-        del bus
+
+    FDS = 2          # the epoll fd and the stop eventfd
+
+    def __init__(self, bus_ref: weakref.ref[Bus]) -> None:
+        self.bus_ref = bus_ref
+        self.epoll = select.epoll()
         try:
-            if not buf.wait(0.1):
-                continue
-            bus = bus_ref()
-            if bus is None:
-                return
+            self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        except BaseException:
+            self.epoll.close()
+            raise
+        self.epoll.register(self.stop_fd, select.EPOLLIN)
+        self.by_fd: dict[int, Mapping] = {}
+        self.threads: list[threading.Thread] = []
+        self.stopped = False
+
+    def add(self, mapping: Mapping) -> None:
+        assert mapping.buffer is not None
+        fd = mapping.buffer.fileno()
+        self.by_fd[fd] = mapping
+        self.epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
+
+    def remove(self, mapping: Mapping) -> None:
+        assert mapping.buffer is not None
+        if mapping.buffer.closed:
+            return
+        fd = mapping.buffer.fileno()
+        if self.by_fd.get(fd) is mapping:
+            del self.by_fd[fd]
             try:
-                with bus._deliver_lock:
-                    if not buf.closed:
-                        buf.ring.consume(bus.deliver)
-            finally:
-                del bus
+                self.epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def start(self, threads: int) -> None:
+        while len(self.threads) < threads:
+            thread = threading.Thread(target=self.run, name=f"kvmcoal-poller {len(self.threads)}",
+                                      daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def dup_fileno(self) -> int:
+        """A duplicate of the epoll fd for an event loop's reader (the caller closes it)."""
+        return os.dup(self.epoll.fileno())
+
+    def run(self) -> None:
+        while self.serve(block=True) is False:
+            pass
+
+    def serve(self, *, block: bool) -> bool:
+        """Wait for events (or not), deliver them; True once the pollers are stopped."""
+        try:
+            events = self.epoll.poll(-1 if block else 0)
+        except (OSError, ValueError):      # closed under us
+            return True
+        for fd, _ in events:
+            if fd == self.stop_fd:
+                return True
+            mapping = self.by_fd.get(fd)
+            if mapping is None:
+                continue
+            if self._deliver(mapping):
+                try:
+                    self.epoll.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)
+                except (OSError, ValueError):
+                    pass                   # unmapped meanwhile
+        return self.stopped
+
+    def _deliver(self, mapping: Mapping) -> bool:
+        """Drain one buffer; whether to keep polling it."""
+        buf = mapping.buffer
+        assert buf is not None
+        bus = self.bus_ref()
+        if bus is None or buf.closed:
+            return False
+        try:
+            if not bus._dispatch.drain(mapping._target) and not buf.closed:
+                # Woken with nothing to deliver: the eventfd was written
+                # outside the protocol (or in its one narrow race); clear it
+                # or the set wakes again at once.
+                buf.ring._clear_wakeup()
         except RingCorruptedError as exc:
             # A peer broke the ring: every later pass would fail the same
-            # way, at full speed.  Say so once and stop this poller.
-            errors.append((mapping, exc))
-            return
+            # way, at full speed.  Say so once and stop polling it.
+            bus.poller_errors.append((mapping, exc))
+            return False
         except Exception as exc:
-            if buf.closed:         # closed under us by unmap/close
-                return
+            if buf.closed:                 # closed under us by unmap/close
+                return False
             # A device model failed (a ValueError of its own included):
             # keep the error, keep polling.
-            errors.append((mapping, exc))
+            bus.poller_errors.append((mapping, exc))
+        finally:
+            del bus
+        return True
+
+    def close(self) -> None:
+        self.stopped = True
+        try:
+            os.eventfd_write(self.stop_fd, 1)
+        except OSError:
+            pass
+        me = threading.current_thread()
+        for thread in self.threads:
+            if thread is not me:
+                thread.join(5)
+        self.epoll.close()
+        os.close(self.stop_fd)

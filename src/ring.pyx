@@ -391,6 +391,8 @@ cdef class Ring:
         pending = kc_ring_begin(&self._r, first, &bad)
         if pending < 0:
             raise _corrupted(&self._r, <int>pending, bad, 0)
+        if pending > self._high_water:
+            kc_note_depth(&self._high_water, <uint32_t>pending)
         if limit < 0 or pending < limit:
             return <Py_ssize_t>pending
         return limit
@@ -413,17 +415,43 @@ cdef class Ring:
             raise _corrupted(&self._r, <int>pending, bad, 0)
         return pending
 
-    cdef int _consumer_idle(self) except -1:
+    cdef int _consumer_idle(self, bint force=False) except -1:
         """With a notifier attached, clear the wakeup once the ring is empty."""
         cdef int rc
         if self._r.efd >= 0 and kc_ring_peek_first(&self._r) == kc_ring_peek_last(&self._r):
+            if not force and not kc_ring_signalled(&self._r):
+                return 0      # not signalled: nothing to clear, and no system call
             # System calls without the GIL: producer threads need it meanwhile.
             # The consumer lock we hold keeps release() from closing the fd.
             with nogil:
-                rc = kc_ring_notify_consumer_idle(&self._r)
+                rc = kc_ring_notify_consumer_idle(&self._r, force)
             if rc < 0:
                 PyErr_SetFromErrno(OSError)
         return 0
+
+    cdef void _join_pending(self, kc_pending *p, uint32_t bit) noexcept:
+        pthread_mutex_lock(&self._plock)
+        self._r.pending = p
+        self._r.pending_bit = bit
+        if p != NULL:
+            # Entries already in it claimed no wakeup into the set: look once.
+            kc_pending_mark(p, bit)
+        pthread_mutex_unlock(&self._plock)
+
+    def _clear_wakeup(self):
+        """Before sleeping on the eventfd: if the ring is empty, clear the eventfd
+        whatever the signalled word says (a peer may have written either)."""
+        if not self._enter_consumer():
+            return
+        try:
+            self._consumer_idle(True)
+        finally:
+            self._exit_consumer()
+
+    def _stats(self):
+        """(high-water depth, entries taken, consumer calls that took some), for
+        the statistics of buffers and VMs."""
+        return self._high_water, self._taken, self._passes
 
     cdef int produce(self, const kc_entry *e, bint *must_wake) noexcept nogil:
         """Push under the producer lock; returns a kc_push_result (or KC_PUSH_RELEASED).
@@ -439,6 +467,7 @@ cdef class Ring:
         else:
             rc = kc_ring_push(&self._r, e.phys_addr, e.data, e.len, e.pio, self._legacy)
             if rc == KC_PUSH_OK:
+                kc_note_depth(&self._high_water, kc_ring_depth(&self._r))
                 must_wake[0] = kc_ring_claim_wakeup(&self._r)
         pthread_mutex_unlock(&self._plock)
         return rc
@@ -745,6 +774,7 @@ cdef class Ring:
         else:
             done = kc_ring_push_records(&self._r, records, n, self._legacy, status)
             if done:
+                kc_note_depth(&self._high_water, kc_ring_depth(&self._r))
                 must_wake[0] = kc_ring_claim_wakeup(&self._r)
         pthread_mutex_unlock(&self._plock)
         return done
@@ -763,6 +793,8 @@ cdef class Ring:
     cdef size_t produce_gathered(self, const unsigned char **runs, const uint32_t *lengths,
                                  size_t n, int *status, bint *must_wake) noexcept nogil:
         cdef size_t done = kc_ring_push_gather(&self._r, runs, lengths, n, status)
+        if done:
+            kc_note_depth(&self._high_water, kc_ring_depth(&self._r))
         must_wake[0] = kc_ring_claim_wakeup(&self._r) if done else False
         pthread_mutex_unlock(&self._plock)
         return done
@@ -783,6 +815,8 @@ cdef class Ring:
                 raise _corrupted(&self._r, rc, bad, first)
             entry = Entry._from(&e)
             kc_ring_publish_first(&self._r, kc_ring_next(&self._r, first))
+            self._taken += 1
+            self._passes += 1
             self._consumer_idle()
             return entry
         finally:
@@ -810,6 +844,8 @@ cdef class Ring:
                 idx = kc_ring_next(&self._r, idx)
             if idx != first:
                 kc_ring_publish_first(&self._r, idx)
+                self._taken += len(out)
+                self._passes += 1
             self._consumer_idle()
             return out
         finally:
@@ -842,6 +878,8 @@ cdef class Ring:
                     with nogil:
                         done = kc_ring_drain_into(&self._r, view.buf, fits,
                                                   &status, &bad, &bad_index)
+                self._taken += done
+                self._passes += done != 0
                 self._consumer_idle()
             finally:
                 self._exit_consumer()
@@ -888,6 +926,7 @@ cdef class Ring:
                 # sees the same entry twice.
                 idx = kc_ring_next(&self._r, idx)
                 kc_ring_publish_first(&self._r, idx)
+                self._taken += 1
                 args[1] = <PyObject *>addr
                 args[2] = <PyObject *>data
                 args[3] = Py_True if e.pio else Py_False
@@ -899,6 +938,7 @@ cdef class Ring:
                 if result == NULL:
                     _propagate()
                 Py_DECREF(<object>result)
+            self._passes += n != 0
             self._consumer_idle()
             return n
         finally:

@@ -26,6 +26,8 @@ int kc_ring_init(kc_ring *r, void *base, size_t nbytes)
     r->efd_shared = 0;
     r->route = NULL;
     r->route_ctx = NULL;
+    r->pending = NULL;
+    r->pending_bit = 0;
     return KC_OK;
 }
 
@@ -307,8 +309,12 @@ int kc_ring_claim_wakeup(const kc_ring *r)
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (__atomic_load_n(r->signaled, __ATOMIC_RELAXED) != 0)
         return 0;
-    return __atomic_compare_exchange_n(r->signaled, &expected, 1, 0, __ATOMIC_SEQ_CST,
-                                       __ATOMIC_RELAXED);
+    if (!__atomic_compare_exchange_n(r->signaled, &expected, 1, 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_RELAXED))
+        return 0;
+    if (r->pending)
+        kc_pending_mark(r->pending, r->pending_bit);
+    return 1;
 }
 
 /* The eventfd's O_NONBLOCK belongs to its open file description, which every
@@ -352,11 +358,14 @@ int kc_ring_notify_producer(const kc_ring *r)
     return kc_ring_claim_wakeup(r) ? kc_ring_signal(r) : 0;
 }
 
-int kc_ring_notify_consumer_idle(const kc_ring *r)
+int kc_ring_notify_consumer_idle(const kc_ring *r, int force)
 {
     uint64_t count;
 
     if (r->efd < 0)
+        return 0;
+    /* Not signalled since the last clear: the eventfd holds nothing to read. */
+    if (!force && __atomic_load_n(r->signaled, __ATOMIC_SEQ_CST) == 0)
         return 0;
     switch (kc_efd_ready(r, POLLIN)) {
     case -1:

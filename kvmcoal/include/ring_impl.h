@@ -60,6 +60,51 @@ enum kc_push_result {
     KC_PUSH_RELEASED = 3,     /* the Python Ring was released (never from kc_ring_push) */
 };
 
+/*
+ * A set of rings that say when they hold entries, without a system call and
+ * without being scanned (a Bus with hundreds of per-device buffers): a
+ * producer that claims a ring's wakeup (the first entry after its consumer
+ * went idle) also sets the ring's bit and `any`.  The consumer exchanges
+ * `any`, then each word, with 0 and drains the rings whose bits were set;
+ * a ring it leaves non-empty it marks again itself.  Process-local: a
+ * producer in another process wakes the ring's eventfd but sets no bit.
+ */
+#define KC_PENDING_BITS 2048
+typedef struct kc_pending {
+    uint32_t any;
+    uint64_t bits[KC_PENDING_BITS / 64];
+} kc_pending;
+
+static inline void kc_pending_mark(kc_pending *p, uint32_t bit)
+{
+    __atomic_fetch_or(&p->bits[bit / 64], (uint64_t)1 << (bit % 64), __ATOMIC_SEQ_CST);
+    __atomic_store_n(&p->any, 1, __ATOMIC_SEQ_CST);
+}
+
+/* The consumer's side: take `any`, then a word's bits, clearing them. */
+static inline int kc_pending_take_any(kc_pending *p)
+{
+    return __atomic_exchange_n(&p->any, 0, __ATOMIC_SEQ_CST) != 0;
+}
+
+static inline int kc_pending_maybe(const kc_pending *p)
+{
+    return __atomic_load_n(&p->any, __ATOMIC_SEQ_CST) != 0;
+}
+
+static inline uint64_t kc_pending_take_word(kc_pending *p, uint32_t word)
+{
+    return __atomic_exchange_n(&p->bits[word], 0, __ATOMIC_SEQ_CST);
+}
+
+/* Put back bits a consumer took but did not get to (it raised). */
+static inline void kc_pending_restore(kc_pending *p, uint32_t word, uint64_t bits)
+{
+    if (bits)
+        __atomic_fetch_or(&p->bits[word], bits, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&p->any, 1, __ATOMIC_SEQ_CST);
+}
+
 typedef struct kc_ring {
     unsigned char *base;      /* struct kvm_coalesced_mmio_ring, maybe unaligned past 4 */
     uint32_t max;             /* slots; at most max - 1 entries are pending */
@@ -90,6 +135,10 @@ typedef struct kc_ring {
      */
     int64_t (*route)(void *ctx, int move);
     void *route_ctx;
+    /* The pending set the ring belongs to (see kc_pending), and its bit;
+     * changed only under the producer's lock.  NULL: none. */
+    kc_pending *pending;
+    uint32_t pending_bit;
 } kc_ring;
 
 /* Number of slots a ring of nbytes holds, 0 if nbytes is too small. */
@@ -231,6 +280,26 @@ static inline void kc_ring_publish_first(const kc_ring *r, uint32_t first)
     __atomic_store_n(kc_first_ptr(r), first, __ATOMIC_RELEASE);
 }
 
+/* Raise *high_water to depth: a statistic that producers (under their lock)
+ * and the consumer (under its own) both update. */
+static inline void kc_note_depth(uint32_t *high_water, uint32_t depth)
+{
+    uint32_t seen = __atomic_load_n(high_water, __ATOMIC_RELAXED);
+    while (depth > seen &&
+           !__atomic_compare_exchange_n(high_water, &seen, depth, 1, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED))
+        ;
+}
+
+/* Entries pending, from a raw look at the indices (0 for corrupted ones). */
+static inline uint32_t kc_ring_depth(const kc_ring *r)
+{
+    uint32_t first = kc_ring_peek_first(r), last = kc_ring_peek_last(r);
+    if (first >= r->max || last >= r->max)
+        return 0;
+    return last >= first ? last - first : r->max - first + last;
+}
+
 static inline uint32_t kc_ring_next(const kc_ring *r, uint32_t idx)
 {
     return idx + 1 == r->max ? 0 : idx + 1;
@@ -255,7 +324,8 @@ int kc_ring_init(kc_ring *r, void *base, size_t nbytes);
  *
  *   producer, after publishing last:   fence; if signaled == 0 and
  *                                      CAS(signaled, 0 -> 1): write(efd, 1)
- *   consumer, on leaving it empty:     read(efd) (clears it); signaled = 0;
+ *   consumer, on leaving it empty:     if signaled: read(efd) (clears it);
+ *                                      signaled = 0;
  *                                      fence; if the ring is not empty after
  *                                      all, signal as a producer would
  *
@@ -281,7 +351,16 @@ void kc_ring_share_efd(kc_ring *r);
 int kc_ring_claim_wakeup(const kc_ring *r);
 int kc_ring_signal(const kc_ring *r);
 int kc_ring_notify_producer(const kc_ring *r);
-int kc_ring_notify_consumer_idle(const kc_ring *r);
+/* Whether the signalled word is set (a producer claimed the wakeup). */
+static inline int kc_ring_signalled(const kc_ring *r)
+{
+    return r->signaled && __atomic_load_n(r->signaled, __ATOMIC_SEQ_CST) != 0;
+}
+/* force = 0 reads the eventfd only when the signalled word says it was
+ * signalled (a consumer pass that found the ring empty makes no system
+ * call); force = 1 reads it regardless, as a consumer about to sleep must (a
+ * peer may have written the eventfd, or the word, outside the protocol). */
+int kc_ring_notify_consumer_idle(const kc_ring *r, int force);
 /*
  * The consumer's sleep: poll() the eventfd until it is readable or
  * timeout_ms (-1: no limit) passes.  1 readable, 0 timed out, -1 with errno

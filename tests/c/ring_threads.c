@@ -74,7 +74,7 @@ int main(void)
         }
         if (n == 0) {
             struct pollfd pfd = {.fd = efd, .events = POLLIN};
-            if (kc_ring_notify_consumer_idle(&ring) < 0)
+            if (kc_ring_notify_consumer_idle(&ring, 1) < 0)
                 return 2;
             if (kc_ring_peek_first(&ring) == kc_ring_peek_last(&ring)) {
                 sleeps++;
