@@ -32,26 +32,32 @@ except ImportError as _exc:
             f"build_ext --inplace), or run Python from another directory.") from _exc
     raise
 
+from ._ring_py import ENTRY_STRUCT  # noqa: E402  (struct kvm_coalesced_mmio, for struct users)
 from .buffers import CoalescedBuffer  # noqa: E402
-from .bus import Bus  # noqa: E402
+from .bus import BATCH_LIMIT, BatchDevice, Bus, Device, Mapping  # noqa: E402
 from .emulated import EmulatedVm  # noqa: E402
 from .zones import ZONE_LIMIT, Zone  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BATCH_LIMIT",
+    "BatchDevice",
     "BufferForkedError",
     "Bus",
     "BusError",
     "CoalescedBuffer",
+    "Device",
     "ENTRY_DTYPE",
     "ENTRY_SIZE",
+    "ENTRY_STRUCT",
     "EmulatedVm",
     "Entry",
     "GuestError",
     "KvmUnavailableError",
     "KvmcoalError",
     "MIN_RING_NBYTES",
+    "Mapping",
     "MappingOverlapError",
     "PAGE_SIZE",
     "RING_HEADER_SIZE",

@@ -14,12 +14,13 @@ cdef class Target:
     cdef readonly object mapping
     cdef uint64_t base, last, delta
     cdef bint pio
-    cdef object write
+    cdef object write            # the function (with write_self) or the callable
+    cdef object write_self
     cdef object write_many       # None: the device takes entries one by one
     cdef Ring ring               # the mapping's own buffer's ring, or None
     cdef int slot                # its bit in the dispatcher's pending set, or -1
     # Statistics; gen is the flush that last delivered here.
-    cdef uint64_t delivered, direct, flushes, largest_batch, batch, gen
+    cdef uint64_t delivered, direct, flushes, largest_batch, batches, batch, gen
 
     cdef inline bint holds(self, uint64_t addr, uint32_t size) noexcept nogil:
         return self.base <= addr <= self.last and self.last - addr >= size - 1

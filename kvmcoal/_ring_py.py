@@ -31,13 +31,13 @@ __all__ = ["ENTRY_SIZE", "RING_HEADER_SIZE", "MIN_RING_NBYTES", "PAGE_SIZE", "RI
 
 _HEADER = struct.Struct("<II")      # struct kvm_coalesced_mmio_ring: first, last
 _INDEX = struct.Struct("<I")
-_ENTRY = struct.Struct("<QII8s")    # struct kvm_coalesced_mmio: phys_addr, len, pio, data
+ENTRY_STRUCT = struct.Struct("<QII8s")    # struct kvm_coalesced_mmio: phys_addr, len, pio, data
 _FIRST_OFFSET = 0
 _LAST_OFFSET = _INDEX.size
 _MAX_DATA = 8
 _MAX_SLOTS = 2**32 - 1              # index arithmetic is 32-bit, like the kernel's
 
-ENTRY_SIZE = _ENTRY.size
+ENTRY_SIZE = ENTRY_STRUCT.size
 RING_HEADER_SIZE = _HEADER.size
 MIN_RING_NBYTES = RING_HEADER_SIZE + 2 * ENTRY_SIZE   # one slot stays empty: 2 hold 1 entry
 PAGE_SIZE = mmap.PAGESIZE
@@ -388,7 +388,7 @@ class Ring:
         if full:
             return False
         # "8s" pads with zeros; the entry is complete before last moves.
-        _ENTRY.pack_into(view, RING_HEADER_SIZE + insert * ENTRY_SIZE,
+        ENTRY_STRUCT.pack_into(view, RING_HEADER_SIZE + insert * ENTRY_SIZE,
                          phys_addr, len(raw), int(pio), raw)
         _INDEX.pack_into(view, _LAST_OFFSET, (insert + 1) % self._max)
         return True
@@ -406,7 +406,7 @@ class Ring:
             raw = src.tobytes()
         if len(raw) % ENTRY_SIZE:
             raise ValueError(f"push_many() needs whole 24-byte records, not {len(raw)} bytes")
-        batch = list(_ENTRY.iter_unpack(raw))
+        batch = list(ENTRY_STRUCT.iter_unpack(raw))
         # Every record is checked before any is pushed: bad input pushes nothing.
         for i, (_phys_addr, length, pio, _data) in enumerate(batch):
             if not (1 <= length <= _MAX_DATA and pio in (0, 1)):
@@ -434,7 +434,7 @@ class Ring:
 
     def _read(self, view: memoryview, idx: int) -> _Record:
         """Copy slot *idx* out once and validate the copy."""
-        phys_addr, length, pio, data = _ENTRY.unpack_from(view, RING_HEADER_SIZE + idx * ENTRY_SIZE)
+        phys_addr, length, pio, data = ENTRY_STRUCT.unpack_from(view, RING_HEADER_SIZE + idx * ENTRY_SIZE)
         if not 1 <= length <= _MAX_DATA:
             raise RingCorruptedError(
                 f"entry at slot {idx} has len={length}, expected 1 to {_MAX_DATA}",
@@ -509,7 +509,7 @@ class Ring:
                     dst[len(records) * ENTRY_SIZE:batch * ENTRY_SIZE] = bytes(
                         (batch - len(records)) * ENTRY_SIZE)
             for i, (phys_addr, data, pio) in enumerate(records):
-                _ENTRY.pack_into(dst, i * ENTRY_SIZE, phys_addr, len(data), int(pio), data)
+                ENTRY_STRUCT.pack_into(dst, i * ENTRY_SIZE, phys_addr, len(data), int(pio), data)
         return len(records)
 
     def consume(self, handler: Handler, limit: int | None = None) -> int:

@@ -159,13 +159,14 @@ class Mapping:
         writes delivered at once (exits, or :meth:`Bus.write` on a
         non-coalesced mapping or a full ring); ``flushes``: flushes (and
         poller passes) that found entries for it; ``largest_batch``: the
-        most entries it received in one of those; ``buffer``: its own
+        most entries it received in one of those; ``batches``: write_many
+        calls (a batch device's, see :class:`BatchDevice`); ``buffer``: its own
         buffer's :meth:`~kvmcoal.CoalescedBuffer.stats`, or None.
         """
         out: dict[str, Any] = {"device": type(self.device).__name__, "base": self.base,
                                "size": self.size, "pio": self.pio, "coalesced": self.coalesced}
         out.update(self._target.stats() if self._target is not None else
-                   {"delivered": 0, "direct": 0, "flushes": 0, "largest_batch": 0})
+                   {"delivered": 0, "direct": 0, "flushes": 0, "largest_batch": 0, "batches": 0})
         out["buffer"] = (self.buffer.stats() if self.buffer is not None
                          and not self.buffer.closed else None)
         return out
@@ -176,7 +177,8 @@ class Mapping:
                 f"[{self.base:#x}, {self.base + self.size:#x})")
 
 
-def _records_factory() -> Any:
+@functools.cache
+def _records_view() -> Any:
     """What write_many receives for a run's bytes: a numpy view, or a memoryview."""
     try:
         import numpy
@@ -185,6 +187,11 @@ def _records_factory() -> Any:
     except ImportError:
         return memoryview
     return functools.partial(numpy.frombuffer, dtype=ENTRY_DTYPE)
+
+
+def _records(data: bytes) -> Any:
+    # numpy is imported at the first batch, not with the Bus.
+    return _records_view()(data)
 
 
 # Buses alive in this process: a forked child gets fresh locks (a poller
@@ -234,7 +241,7 @@ class Bus:
         # poller (or the vCPU thread) taking the rings in the other order.
         # It holds the bus weakly: a Bus nobody holds is still collected.
         self._dispatch = _dispatch.Dispatcher(_unmapped_entry(weakref.ref(self)),
-                                              _records_factory())
+                                              _records)
         if producer is not None:
             ring_or_none = getattr(producer, "_ring_or_none", None)
             if ring_or_none is not None:      # a kvm.Vm maps its ring with its first vCPU
@@ -537,10 +544,14 @@ class Bus:
             return
         try:
             loop.add_reader(fd, on_readable)
+            pollers.waiters.append((loop, done))
+            if pollers.stopped:           # closed between the check and here
+                return
             try:
                 await done
             finally:
                 loop.remove_reader(fd)
+                pollers.waiters.remove((loop, done))
         finally:
             os.close(fd)
 
@@ -665,6 +676,11 @@ def _check_access(size: object) -> None:
         raise ValueError(f"size={size}: an access is 1 to 8 bytes")
 
 
+def _resolve(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
 class _Pollers:
     """One epoll set over a bus's own buffers, and the threads that sleep in it.
 
@@ -687,6 +703,8 @@ class _Pollers:
         self.epoll.register(self.stop_fd, select.EPOLLIN)
         self.by_fd: dict[int, Mapping] = {}
         self.threads: list[threading.Thread] = []
+        # poll_async() tasks' futures, which close() resolves (from any thread).
+        self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self.stopped = False
 
     def add(self, mapping: Mapping) -> None:
@@ -775,6 +793,11 @@ class _Pollers:
             os.eventfd_write(self.stop_fd, 1)
         except OSError:
             pass
+        for loop, done in list(self.waiters):
+            try:
+                loop.call_soon_threadsafe(_resolve, done)
+            except RuntimeError:           # that loop is closed: its task is gone
+                pass
         me = threading.current_thread()
         for thread in self.threads:
             if thread is not me:

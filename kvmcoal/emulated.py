@@ -94,6 +94,25 @@ class EmulatedVm(ZoneRegistry, _zone_bus._ZoneBus):
         self._set_zones(pio, [(z.addr, z.size, (self._vm_ring if t is None else t)._ring)
                               for z, t in new])
 
+    def stats(self) -> dict[str, object]:
+        """Counters of this VM, as plain values.
+
+        ``coalesced_writes``: writes recorded into a ring; ``ring_full_refusals``:
+        writes a zone held but whose ring was full (or closed), which took
+        the exit path; ``exits``: writes that took the exit path, by kind
+        (``"mmio"``, ``"pio"``; the refused ones included); ``flushes``:
+        consumer calls that took entries from the VM-wide ring;
+        ``ring``: that ring's depth high-water mark and entries consumed;
+        ``buffers``: how many per-device buffers are open.  Readable after
+        close() too.
+        """
+        coalesced, refused, mmio, pio = self._write_stats()
+        high, taken, passes = self._vm_ring._ring._stats()
+        return {"coalesced_writes": coalesced, "ring_full_refusals": refused,
+                "exits": {"mmio": mmio, "pio": pio}, "flushes": passes,
+                "ring": {"depth_high_water": high, "entries_consumed": taken},
+                "buffers": sum(1 for buf in self._buffers if not buf.closed)}
+
     def close(self) -> None:
         """Close every buffer this VM created and the VM-wide ring.  Idempotent.
 

@@ -69,6 +69,10 @@ class ZoneRegistry:
         MMIO then PIO, each in the kernel's bus order."""
         return self._buses[False] + self._buses[True]
 
+    def _zoned(self, addr: int, size: int, pio: bool) -> bool:
+        """Whether a registered zone holds the access (an exit there found its ring full)."""
+        return any(z.contains(addr, size) for z, _ in self._buses[pio])
+
     def register_coalesced_mmio(self, zone: Zone) -> None:
         """Coalesce writes in *zone* into the VM-wide ring (overlaps are allowed)."""
         self._add(zone, None)

@@ -41,6 +41,9 @@ cdef extern from *:
     int __builtin_ctzll(unsigned long long x) nogil
 
 cdef extern from "Python.h":
+    bint PyMethod_Check(object o)
+    PyObject *PyMethod_GET_FUNCTION(object o)    # borrowed
+    PyObject *PyMethod_GET_SELF(object o)
     PyObject *PyObject_Vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
                                   PyObject *kwnames)
     const size_t PY_VECTORCALL_ARGUMENTS_OFFSET
@@ -50,7 +53,7 @@ cdef extern from "Python.h":
 BATCH_LIMIT = 4096
 cdef Py_ssize_t _BATCH_LIMIT = 4096
 
-cdef object _SIZES = tuple(range(KC_MAX_DATA + 1))
+cdef tuple _SIZES = tuple(range(KC_MAX_DATA + 1))
 
 
 @cython.final
@@ -66,7 +69,15 @@ cdef class Target:
         self.last = base + (size - 1)
         self.delta = delta
         self.pio = pio
-        self.write = device.write
+        write = device.write
+        # A bound method of a Python function is called as the function with
+        # self in front: one indirection less per entry.
+        if PyMethod_Check(write):
+            self.write = <object>PyMethod_GET_FUNCTION(write)
+            self.write_self = <object>PyMethod_GET_SELF(write)
+        else:
+            self.write = write
+            self.write_self = None
         many = getattr(device, "write_many", None)
         self.write_many = many if callable(many) else None
         self.ring = ring
@@ -75,7 +86,8 @@ cdef class Target:
     def stats(self):
         """The mapping's counters, as Mapping.stats() reports them."""
         return {"delivered": self.delivered, "direct": self.direct,
-                "flushes": self.flushes, "largest_batch": self.largest_batch}
+                "flushes": self.flushes, "largest_batch": self.largest_batch,
+                "batches": self.batches}
 
     def count_direct(self):
         """Count one access delivered at once (Bus.write's exit path)."""
@@ -428,23 +440,27 @@ cdef class Dispatcher:
         taken[0] = run
         self.delivered += run
         _count(t, self._gen, run)
+        t.batches += 1
         records = self._records(PyBytes_FromStringAndSize(<const char *>self._scratch,
                                                           run * KC_ENTRY_SIZE))
         t.write_many(records, t.delta)
         return 0
 
     cdef int _call_write(self, Target t, const kc_entry *e) except -1:
-        cdef PyObject *args[4]
+        cdef PyObject *args[5]
         cdef PyObject *result
         offset = PyLong_FromUnsignedLongLong(e.phys_addr - t.delta)
         value = PyLong_FromUnsignedLongLong(kc_entry_value(e))
-        size = _SIZES[e.len]
         args[0] = NULL
-        args[1] = <PyObject *>offset
-        args[2] = <PyObject *>size
-        args[3] = <PyObject *>value
-        result = PyObject_Vectorcall(<PyObject *>t.write, &args[1],
-                                     3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
+        args[1] = <PyObject *>t.write_self
+        args[2] = <PyObject *>offset
+        args[3] = <PyObject *>_SIZES[e.len]
+        args[4] = <PyObject *>value
+        if t.write_self is not None:
+            result = PyObject_Vectorcall(<PyObject *>t.write, &args[1], 4, NULL)
+        else:
+            result = PyObject_Vectorcall(<PyObject *>t.write, &args[2],
+                                         3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
         if result == NULL:
             return -1
         Py_DECREF(<object>result)

@@ -144,6 +144,8 @@ cdef class KvmRunView:
     cdef bint _pending
     cdef Py_ssize_t _progress
     cdef unsigned long long _exits
+    # Exits by KVM_EXIT_* reason (the last slot counts every reason past it).
+    cdef unsigned long long _by_reason[64]
 
     def __init__(self, mapping):
         _get_buffer(mapping, &self._view, "KvmRunView")
@@ -192,7 +194,13 @@ cdef class KvmRunView:
         self._pending = True
         self._progress = 0
         self._exits += 1
+        self._by_reason[self._run.exit_reason if self._run.exit_reason < 63 else 63] += 1
         return True
+
+    def exits_by_reason(self):
+        """{KVM_EXIT_* number: exits} for every reason seen (63: that or later)."""
+        return {reason: <object>self._by_reason[reason] for reason in range(64)
+                if self._by_reason[reason]}
 
     def delivered(self):
         """The pending exit is fully delivered: the next enter() runs the vCPU."""

@@ -114,6 +114,10 @@ cdef class _ZoneBus:
     # an unregister followed by a drain then sees every write that the old
     # table let in (the kernel waits with SRCU for the same reason).
     cdef kc_grace _grace
+    # Statistics (EmulatedVm.stats()): writes coalesced, writes that found
+    # a zone whose ring (every such zone's) was full or closed, and writes
+    # that took the exit path, by kind (the refused ones included).
+    cdef uint64_t _coalesced, _refused, _exits_mmio, _exits_pio
 
     def __cinit__(self, *args, **kwargs):
         self._mmio = _EMPTY_TABLE
@@ -130,6 +134,10 @@ cdef class _ZoneBus:
         """
         self._grace.writers[0] = 0
         self._grace.writers[1] = 0
+
+    def _write_stats(self):
+        """(coalesced, refused, MMIO exits, port exits) since the VM was made."""
+        return self._coalesced, self._refused, self._exits_mmio, self._exits_pio
 
     def _set_zones(self, bint pio, list entries):
         """Install *entries*, ``(addr, size, ring)`` in the order writes try them.
@@ -165,6 +173,7 @@ cdef class _ZoneBus:
         cdef int rc, err = 0
         cdef bint must_wake
         cdef int epoch
+        cdef bint zoned = False
         _fill_entry(&e, phys_addr, data, pio)
         epoch = kc_grace_enter(&self._grace)
         try:
@@ -176,13 +185,21 @@ cdef class _ZoneBus:
                 if not kc_zone_in_range(z, e.phys_addr, e.len):
                     continue
                 ring = <Ring>z.target
+                zoned = True
                 with nogil:
                     rc = ring.produce(&e, &must_wake)
                     if must_wake:
                         err = ring.wake_consumer()
                 check_wake(err)
                 if rc == KC_PUSH_OK:
+                    self._coalesced += 1
                     return True
+            if zoned:
+                self._refused += 1
+            if e.pio:
+                self._exits_pio += 1
+            else:
+                self._exits_mmio += 1
             return False
         finally:
             kc_grace_exit(&self._grace, epoch)

@@ -46,3 +46,16 @@ def load_guest(vm, name: str, addr: int = 0x1000, memory: int = 0x10000) -> None
     from kvmcoal import guests
     code = guests.load(name)
     vm.add_memory(0, memory)[addr:addr + len(code)] = code
+
+
+@pytest.fixture(params=["emulated", "kvm"])
+def machine(request):
+    """The same writes on both kernels: a tests.machines EmulatedMachine or KvmMachine."""
+    from .machines import EmulatedMachine, kvm_machine
+    if request.param == "emulated":
+        m = EmulatedMachine()
+        yield m
+        m.close()
+    else:
+        with kvm_machine() as m:
+            yield m

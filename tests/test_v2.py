@@ -24,17 +24,6 @@ Z1 = Zone(0x100000, 0x1000)
 Z2 = Zone(0x101000, 0x1000)
 
 
-@pytest.fixture(params=["emulated", "kvm"])
-def machine(request):
-    if request.param == "emulated":
-        m = EmulatedMachine()
-        yield m
-        m.close()
-    else:
-        with kvm_machine() as m:
-            yield m
-
-
 def stores(zone: Zone, n: int, start: int = 0, size: int = 8) -> list[Write]:
     """n stores into *zone*, each value encoding its address and its number."""
     out = []

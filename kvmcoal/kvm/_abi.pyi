@@ -29,6 +29,8 @@ class KvmRunView:
     def release(self) -> None: ...
     def enter(self, vcpufd: int, router: Router | None = None) -> bool:
         """KVM_RUN unless an exit is still pending; True when kvm_run holds an exit."""
+    def exits_by_reason(self) -> dict[int, int]:
+        """{KVM_EXIT_* number: exits} for every reason seen."""
     def delivered(self) -> None:
         """The pending exit is fully delivered: the next enter() runs the vCPU."""
     @property

@@ -25,6 +25,9 @@ __all__ = ["ReadHandler", "Vcpu", "WriteHandler"]
 
 # Bound once: the exit decoding below reads it on every KVM_RUN return.
 ABI = _abi.KVM_ABI
+_EXIT_NAMES = {number: name[len("KVM_EXIT_"):] for name, number in ABI.items()
+               if name.startswith("KVM_EXIT_") and name not in ("KVM_EXIT_IO_IN",
+                                                                 "KVM_EXIT_IO_OUT")}
 
 WriteHandler = Callable[[int, bytes, bool], object]
 """``write(addr, data, pio)``: a guest write of ``len(data)`` bytes (little-endian)."""
@@ -74,6 +77,8 @@ class Vcpu(OwnsFd, ModeSetup):
         self._run_lock = threading.RLock()
         self._in_loop = False    # run_loop() is running, on the thread holding the lock
         self._tid = 0            # the thread that ran it last (its native id)
+        self._decoded = 0        # the exit _decode_exit last counted
+        self._ring_full_refusals = 0
 
     def fileno(self) -> int:
         """The vCPU fd; ValueError once closed."""
@@ -101,6 +106,20 @@ class Vcpu(OwnsFd, ModeSetup):
     def set_sregs(self, changes: dict[str, Any]) -> None:
         """Change special registers; segments field by field (see kvm_set_sregs)."""
         _abi.kvm_set_sregs(self.fileno(), changes)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this vCPU, as plain values.
+
+        ``exits``: KVM_RUN returns; ``exits_by_reason``: the same by
+        ``KVM_EXIT_*`` name (``"MMIO"``, ``"IO"``, ``"HLT"``, ...; a number
+        for a reason kvmcoal has no name for); ``ring_full_refusals``:
+        writes that exited although a coalesced zone holds them, which the
+        kernel does only when the ring is full.
+        """
+        return {"exits": self._run.exits,
+                "exits_by_reason": {_EXIT_NAMES.get(reason, str(reason)): n
+                                    for reason, n in self._run.exits_by_reason().items()},
+                "ring_full_refusals": self._ring_full_refusals}
 
     @property
     def exit_count(self) -> int:
@@ -247,13 +266,22 @@ class Vcpu(OwnsFd, ModeSetup):
     def _decode_exit(self) -> Exit:
         run = self._run
         reason = run.exit_reason
+        # A write that exits although a zone holds it found the ring full
+        # (the kernel coalesces every other write a zone holds); counted
+        # once per exit, not again when a pending exit is handed back.
+        fresh = run.exits != self._decoded
+        self._decoded = run.exits
         if reason == ABI["KVM_EXIT_MMIO"]:
             phys_addr, data, is_write = run.mmio()
+            if fresh and is_write and self.vm._zoned(phys_addr, len(data), False):
+                self._ring_full_refusals += 1
             return MmioExit(phys_addr, data, is_write)
         if reason == ABI["KVM_EXIT_IO"]:
             direction, size, port, count, offset = run.io()
             is_out = direction == ABI["KVM_EXIT_IO_OUT"]
             data = self._map[offset:offset + size * count] if is_out else b""
+            if fresh and is_out and self.vm._zoned(port, size, True):
+                self._ring_full_refusals += 1
             return IoExit(port, size, count, is_out, data)
         if reason == ABI["KVM_EXIT_HLT"]:
             return HltExit()

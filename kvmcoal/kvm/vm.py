@@ -14,7 +14,7 @@ import mmap
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import _zone_bus
 from .._ring import Ring
@@ -339,6 +339,45 @@ class Vm(ZoneRegistry, OwnsFd):
             if router is not None and self._pid != -1:
                 router.stop_watcher()
                 self._untrace()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this VM, as plain values (see :meth:`kvmcoal.EmulatedVm.stats`).
+
+        The kernel keeps no counts of its own, so these are what this
+        process saw: ``coalesced_writes``, the entries taken out of the
+        kernel ring (by consumers, or routed into buffers or dropped by the
+        router) plus those still in it; ``ring_full_refusals`` and
+        ``exits`` (by ``KVM_EXIT_*`` name), summed over the vCPUs (see
+        :meth:`Vcpu.stats`); ``flushes``, consumer calls that took entries
+        from :attr:`ring`; ``ring``, its depth high-water mark as consumers
+        saw it; ``router``, what the router moved, dropped and holds back
+        (None until a zone is bound to a buffer).
+        """
+        ring = self._ring
+        high = taken = passes = pending = 0
+        if ring is not None:
+            if not ring.released:
+                pending = len(ring)    # first: a consumer's look raises the high-water mark
+            high, taken, passes = ring._stats()
+        router = self._router
+        moved = dropped = 0
+        routing = None
+        if router is not None:
+            moved, dropped = router.routed, router.dropped
+            routing = {"routed": moved, "dropped": dropped, "held": router.held,
+                       "watcher_passes": router.passes}
+        exits: dict[str, int] = {}
+        refusals = 0
+        for vcpu in self._vcpus:
+            vstats = vcpu.stats()
+            refusals += vstats["ring_full_refusals"]
+            for reason, n in vstats["exits_by_reason"].items():
+                exits[reason] = exits.get(reason, 0) + n
+        return {"coalesced_writes": taken + moved + dropped + pending,
+                "ring_full_refusals": refusals, "exits": exits, "flushes": passes,
+                "ring": {"depth_high_water": high, "entries_consumed": taken},
+                "buffers": sum(1 for buf in self._buffers if not buf.closed),
+                "router": routing}
 
     def _ring_or_none(self) -> Ring | None:
         """The kernel ring if it is mapped (a vCPU was created), else None: a Bus
