@@ -12,6 +12,7 @@ cdef class Target:
     # address minus gives the device's offset, and the device's bound
     # methods, looked up once.
     cdef readonly object mapping
+    cdef object device
     cdef uint64_t base, last, delta
     cdef bint pio
     cdef object write            # the function (with write_self) or the callable

@@ -29,7 +29,7 @@ and every entry is delivered exactly once.
 Delivery is C (:mod:`kvmcoal._dispatch`): the flush finds each entry's
 mapping, computes the offset and value and calls the device's ``write``
 itself, or hands a run of entries at once to a *batch device*, one with a
-``write_many(records, origin)`` method (see :class:`BatchDevice`).  A flush
+``write_many(records)`` method (see :class:`BatchDevice`).  A flush
 with nothing pending costs no system call and does not look at every
 buffer: producers mark the buffers they fill.
 
@@ -82,20 +82,23 @@ class Device(Protocol):
 class BatchDevice(Device, Protocol):
     """A device that takes a flush's run of its coalesced writes in one call.
 
-    ``write_many(records, origin)`` receives consecutive entries of one ring
-    that are all this device's, as raw ABI records (``struct
-    kvm_coalesced_mmio``, 24 bytes each): a read-only numpy array of
-    :data:`kvmcoal.ENTRY_DTYPE` when numpy is installed, else a read-only
-    memoryview of the bytes (both support the buffer protocol, so
-    ``numpy.frombuffer(records, ENTRY_DTYPE)`` and ``struct.iter_unpack``
-    work on either).  ``phys_addr`` is the guest address; the device offset
-    is ``phys_addr - origin``.  Entries for other devices between its own
+    ``write_many(records)`` receives consecutive entries of one ring that
+    are all this device's (through any of its mappings) as ABI records
+    (``struct kvm_coalesced_mmio``, 24 bytes each) whose ``phys_addr`` is
+    rebased to the device's offset, the ``offset`` that ``write`` would get:
+    a read-only numpy array of :data:`kvmcoal.ENTRY_DTYPE` when numpy is
+    installed, else a read-only memoryview of the bytes (both support the
+    buffer protocol, so ``numpy.frombuffer(records, ENTRY_DTYPE)``,
+    ``bytes(records)`` and :data:`kvmcoal.ENTRY_STRUCT` ``.iter_unpack`` work
+    on either).  ``pio`` tells a device mapped at ports and MMIO which
+    window a record is from.  Entries for other devices between its own
     split the run, so every device still sees the ring's order; a run holds
     at most :data:`BATCH_LIMIT` records.  Writes that exit (not coalesced,
-    or refused by a full ring) still arrive through ``write``.
+    or refused by a full ring) still arrive through ``write``.  The records
+    are a copy: the device may keep them.
     """
 
-    def write_many(self, records: Any, origin: int) -> None:
+    def write_many(self, records: Any) -> None:
         """A run of this device's coalesced writes, oldest first."""
 
 
@@ -125,7 +128,7 @@ class Mapping:
         device_offset: the offset the device sees at ``base``.
         buffer: the mapping's own CoalescedBuffer (``own_buffer=True``), or None.
         end, delta: derived: ``base + size``, and what an address minus gives
-            the device's offset (a batch device's *origin*).
+            the device's offset.
     """
 
     device: Device

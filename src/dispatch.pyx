@@ -65,6 +65,7 @@ cdef class Target:
         if size == 0:
             raise ValueError("a target needs a size of at least 1")
         self.mapping = mapping
+        self.device = device
         self.base = base
         self.last = base + (size - 1)
         self.delta = delta
@@ -415,10 +416,13 @@ cdef class Dispatcher:
 
     cdef int _deliver_run(self, Ring ring, Target t, kc_entry *e, uint32_t *idx,
                           Py_ssize_t left, Py_ssize_t *taken) except -1:
-        """Hand *t*'s run of entries from *idx* (the first, *e*, already read) to
-        its write_many, as copies of the records: at most *left*."""
+        """Hand the run of entries from *idx* (the first, *e*, already read, for
+        *t*) that are all for t's device, through any of its mappings, to its
+        write_many: at most *left*, as copies rebased to device offsets."""
         cdef Py_ssize_t run = 0
         cdef uint32_t bad = 0
+        cdef Target here = t
+        cdef kc_entry *out
         if self._scratch == NULL:
             self._scratch = <unsigned char *>PyMem_Malloc(_BATCH_LIMIT * KC_ENTRY_SIZE)
             if self._scratch == NULL:
@@ -426,24 +430,27 @@ cdef class Dispatcher:
         while True:
             # The copy is what was checked (kc_ring_read validated it): a
             # peer writing the slot now cannot change what the device gets.
-            memcpy(self._scratch + run * KC_ENTRY_SIZE, e, KC_ENTRY_SIZE)
+            out = <kc_entry *>(self._scratch + run * KC_ENTRY_SIZE)
+            memcpy(out, e, KC_ENTRY_SIZE)
+            out.phys_addr = e.phys_addr - here.delta
+            _count(here, self._gen, 1)
             run += 1
             idx[0] = kc_ring_next(&ring._r, idx[0])
             if run == left:
                 break
             if kc_ring_read(&ring._r, idx[0], e, &bad) != KC_OK:
                 break              # the caller's next read reports it
-            if self._find(e.phys_addr, e.len, e.pio) is not t:
+            here = self._find(e.phys_addr, e.len, e.pio)
+            if here is None or here.device is not t.device:
                 break
         kc_ring_publish_first(&ring._r, idx[0])
         ring._taken += run
         taken[0] = run
         self.delivered += run
-        _count(t, self._gen, run)
         t.batches += 1
         records = self._records(PyBytes_FromStringAndSize(<const char *>self._scratch,
                                                           run * KC_ENTRY_SIZE))
-        t.write_many(records, t.delta)
+        t.write_many(records)
         return 0
 
     cdef int _call_write(self, Target t, const kc_entry *e) except -1:

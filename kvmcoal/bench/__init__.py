@@ -18,6 +18,9 @@ Sections (--only, --skip):
   router    the v2 router moving entries from the kernel ring into buffers
             (one buffer, two alternating, a buffer and Vm.ring's), against
             drain_into of the same entries
+  bus       a Bus with 1 and 500 own-buffer devices: reads and empty
+            flushes, against len() of every ring; delivery to a Python
+            device, against a plain loop calling it; the poller threads
   wakeup    producer write to consumer return from wait(), against a bare
             eventfd and select, between threads and between processes
   transfer  24-byte records between processes and threads, against
@@ -51,7 +54,7 @@ from .reporting import (STDOUT_PATHS, InvalidSample, Progress, Report, Section, 
 
 __all__ = ["SECTIONS", "run", "main", "format_table"]
 
-SECTIONS = ("consumer", "producer", "router", "wakeup", "transfer", "kvm", "doorbell",
+SECTIONS = ("consumer", "producer", "router", "bus", "wakeup", "transfer", "kvm", "doorbell",
             "sandbox")
 
 
@@ -79,6 +82,12 @@ def _router(scale: float, blocks: int | None, say: Progress) -> Section:
     from . import router
     repeat = _count(1000, scale, 4)
     return router.measure(repeat, _blocks(blocks, 5, repeat), progress=say)
+
+
+def _bus(scale: float, blocks: int | None, say: Progress) -> Section:
+    from . import bus
+    repeat = _count(300, scale, 4)
+    return bus.measure(repeat, _blocks(blocks, 5, repeat), progress=say)
 
 
 def _wakeup(scale: float, blocks: int | None, say: Progress) -> Section:
@@ -116,7 +125,8 @@ _sandbox = _on_kvm("sandbox", 30_000, 300, 3)
 
 
 _MEASURE: dict[str, Callable[[float, int | None, Progress], Section]] = {
-    "consumer": _consumer, "producer": _producer, "router": _router, "wakeup": _wakeup,
+    "consumer": _consumer, "producer": _producer, "router": _router, "bus": _bus,
+    "wakeup": _wakeup,
     "transfer": _transfer, "kvm": _kvm, "doorbell": _doorbell, "sandbox": _sandbox,
 }
 

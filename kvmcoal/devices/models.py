@@ -125,7 +125,7 @@ class Uart16550:
             self.scr = value
         # LSR and MSR writes (factory test) are ignored.
 
-    def write_many(self, records: Any, origin: int) -> None:
+    def write_many(self, records: Any) -> None:
         """A run of coalesced register writes (a Bus batch device, see kvmcoal.BatchDevice).
 
         A burst of bytes to THR, the common case, is appended in one go;
@@ -134,15 +134,15 @@ class Uart16550:
         """
         data = bytes(records)
         n = len(data) // _RECORD
-        if n and not self.lcr & self.LCR_DLAB and _all_at(data, n, origin + self.THR, 1):
+        if n and not self.lcr & self.LCR_DLAB and _all_at(data, n, self.THR, 1):
             if self.mcr & self.MCR_LOOP:
                 self.input += data[_DATA::_RECORD]
             else:
                 self.output += data[_DATA::_RECORD]
             self._thre_pending = True
             return
-        for addr, size, _pio, raw in ENTRY_STRUCT.iter_unpack(data):
-            self.write(addr - origin, size, int.from_bytes(raw[:size], "little"))
+        for offset, size, _pio, raw in ENTRY_STRUCT.iter_unpack(data):
+            self.write(offset, size, int.from_bytes(raw[:size], "little"))
 
 
 class Framebuffer:
@@ -170,7 +170,7 @@ class Framebuffer:
             self.memory[start:end] = value.to_bytes(size, "little")[start - offset:end - offset]
         self.writes += 1
 
-    def write_many(self, records: Any, origin: int) -> None:
+    def write_many(self, records: Any) -> None:
         """A run of coalesced stores (a Bus batch device, see kvmcoal.BatchDevice).
 
         With numpy, the run lands in a few vectorised steps (later stores
@@ -178,14 +178,14 @@ class Framebuffer:
         """
         np = _numpy()
         if np is None:
-            for addr, size, _pio, raw in ENTRY_STRUCT.iter_unpack(bytes(records)):
-                self.write(addr - origin, size, int.from_bytes(raw[:size], "little"))
+            for offset, size, _pio, raw in ENTRY_STRUCT.iter_unpack(bytes(records)):
+                self.write(offset, size, int.from_bytes(raw[:size], "little"))
             return
         from .. import ENTRY_DTYPE
         recs = np.frombuffer(records, ENTRY_DTYPE)
         # Every byte stored, in order, as (position in memory, value); the
         # offsets are signed (a mapping may start before the memory).
-        offsets = (recs["phys_addr"] - np.uint64(origin)).view(np.int64)
+        offsets = recs["phys_addr"].view(np.int64)
         lanes = np.arange(8)
         stored = lanes[None, :] < recs["len"].astype(np.int64)[:, None]
         positions = (offsets[:, None] + lanes[None, :])[stored]
