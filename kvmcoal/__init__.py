@@ -34,7 +34,7 @@ except ImportError as _exc:
 
 from ._ring_py import ENTRY_STRUCT  # noqa: E402  (struct kvm_coalesced_mmio, for struct users)
 from .buffers import CoalescedBuffer  # noqa: E402
-from .bus import BATCH_LIMIT, BatchDevice, Bus, Device, Mapping  # noqa: E402
+from .bus import BATCH_LIMIT, BATCH_MIN, BatchDevice, Bus, Device, Mapping  # noqa: E402
 from .emulated import EmulatedVm  # noqa: E402
 from .zones import ZONE_LIMIT, Zone  # noqa: E402
 
@@ -42,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BATCH_LIMIT",
+    "BATCH_MIN",
     "BatchDevice",
     "BufferForkedError",
     "Bus",

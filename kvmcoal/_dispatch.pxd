@@ -61,3 +61,4 @@ cdef class Dispatcher:
     cdef int _deliver_run(self, Ring ring, Target t, kc_entry *e, uint32_t *idx,
                           Py_ssize_t left, Py_ssize_t *taken) except -1
     cdef int _call_write(self, Target t, const kc_entry *e) except -1
+    cdef Py_ssize_t _run_length(self, Ring ring, Target t, uint32_t idx, Py_ssize_t left)

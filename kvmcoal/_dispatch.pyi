@@ -11,6 +11,7 @@ from typing_extensions import Buffer, Self
 from kvmcoal._ring import Ring
 
 BATCH_LIMIT: int
+BATCH_MIN: int
 
 
 @final

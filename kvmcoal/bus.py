@@ -63,10 +63,12 @@ from .buffers import FDS_PER_BUFFER, CoalescedBuffer
 from .errors import BusError, MappingOverlapError, RingCorruptedError, UnmappedAccessError
 from .zones import Zone
 
-__all__ = ["BATCH_LIMIT", "BatchDevice", "Bus", "Device", "Mapping"]
+__all__ = ["BATCH_LIMIT", "BATCH_MIN", "BatchDevice", "Bus", "Device", "Mapping"]
 
 BATCH_LIMIT = _dispatch.BATCH_LIMIT
 """The most records one ``write_many`` call receives (a longer run comes in several)."""
+BATCH_MIN = _dispatch.BATCH_MIN
+"""The fewest: a shorter run of a batch device's entries comes through ``write``."""
 
 
 class Device(Protocol):
@@ -93,7 +95,10 @@ class BatchDevice(Device, Protocol):
     on either).  ``pio`` tells a device mapped at ports and MMIO which
     window a record is from.  Entries for other devices between its own
     split the run, so every device still sees the ring's order; a run holds
-    at most :data:`BATCH_LIMIT` records.  Writes that exit (not coalesced,
+    at most :data:`BATCH_LIMIT` records, and one of fewer than
+    :data:`BATCH_MIN` (8) comes through ``write``, entry by entry, which
+    costs less than making the records (a device whose writes interleave
+    with another's one for one gets no batches at all).  Writes that exit (not coalesced,
     or refused by a full ring) still arrive through ``write``.  The records
     are a copy: the device may keep them.
     """

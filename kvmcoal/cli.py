@@ -73,10 +73,11 @@ def _check(uart: Uart16550, fb: Framebuffer, iterations: int) -> None:
 
 
 def _result(coalesced: bool, writes: int, exits: int, elapsed: float,
-            uart: Uart16550) -> dict[str, Any]:
+            uart: Uart16550, stats: dict[str, Any]) -> dict[str, Any]:
     return {"coalesced": coalesced, "writes": writes, "exits": exits,
             "from_ring": writes - exits, "seconds": elapsed,
-            "ns_per_write": elapsed / writes * 1e9, "uart": bytes(uart.output).decode()}
+            "ns_per_write": elapsed / writes * 1e9, "uart": bytes(uart.output).decode(),
+            "stats": stats}
 
 
 def run_guest(iterations: int, coalesced: bool) -> dict[str, Any]:
@@ -95,8 +96,10 @@ def run_guest(iterations: int, coalesced: bool) -> dict[str, Any]:
         bus.run(vcpu)
         elapsed = time.perf_counter() - start
         _check(uart, fb, iterations)
+        stats = {"vm": vm.stats(), "vcpu": vcpu.stats(), "bus": bus.stats()}
         # Every exit but the final HLT was a write that did not coalesce.
-        return _result(coalesced, guest_writes(iterations), vcpu.exit_count - 1, elapsed, uart)
+        return _result(coalesced, guest_writes(iterations), vcpu.exit_count - 1, elapsed, uart,
+                       stats)
 
 
 def run_emulated(iterations: int, coalesced: bool) -> dict[str, Any]:
@@ -119,7 +122,8 @@ def run_emulated(iterations: int, coalesced: bool) -> dict[str, Any]:
         bus.flush()
         elapsed = time.perf_counter() - start
         _check(uart, fb, iterations)
-        return _result(coalesced, guest_writes(iterations), bus.direct_writes, elapsed, uart)
+        return _result(coalesced, guest_writes(iterations), bus.direct_writes, elapsed, uart,
+                       {"vm": vm.stats(), "bus": bus.stats()})
 
 
 class _TimedDoorbell(Doorbell):
@@ -161,6 +165,20 @@ def run_doorbell(rounds: int) -> dict[str, Any]:
     return {"rounds": rounds, "exits_before_hlt": g.vcpu.exit_count - 1,
             "p50_us": percentile(latencies, 50), "p99_us": percentile(latencies, 99),
             "watcher_interval_us": 100}
+
+
+def _stats_line(stats: dict[str, Any]) -> str:
+    """The coalesced run's statistics in a few lines (all of them are in --json)."""
+    vm, bus = stats["vm"], stats["bus"]
+    exits = ", ".join(f"{n} {reason}" for reason, n in vm["exits"].items() if n)
+    devices = "; ".join(
+        f"{m['device']} at {'port' if m['pio'] else 'MMIO'} {m['base']:#x}: {m['delivered']} "
+        f"from rings (largest flush {m['largest_batch']}, write_many calls {m['batches']}), "
+        f"{m['direct']} direct"
+        for m in bus["mappings"] if m["delivered"] or m["direct"])
+    return (f"statistics, coalescing on: the VM coalesced {vm['coalesced_writes']} writes "
+            f"({vm['ring_full_refusals']} refused by a full ring; exits: {exits or 'none'});\n"
+            f"  the bus made {bus['flushes_with_entries']} flushes that delivered; {devices}")
 
 
 def _progress(message: str, quiet: bool) -> None:
@@ -217,6 +235,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"{result['seconds']:>10.3f}")
     print(f"speed-up from coalescing: {report['speedup']:.1f}x (UART output and framebuffer "
           f"checked against what the guest wrote)")
+    print(_stats_line(runs[0]["stats"]))
     if producer == "emulated":
         print("(a software CPU has no VM exit for coalescing to save: on EmulatedVm the "
               "ring is pure overhead; run on /dev/kvm to see the real gain)")

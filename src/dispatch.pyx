@@ -52,6 +52,10 @@ cdef extern from "Python.h":
 # longer run of its entries arrives in several calls, in order.
 BATCH_LIMIT = 4096
 cdef Py_ssize_t _BATCH_LIMIT = 4096
+# A shorter run goes through write(), entry by entry: making the records
+# (and, with numpy, their view) costs more than a few calls.
+BATCH_MIN = 8
+cdef Py_ssize_t _BATCH_MIN = 8
 
 cdef tuple _SIZES = tuple(range(KC_MAX_DATA + 1))
 
@@ -370,6 +374,7 @@ cdef class Dispatcher:
         cdef int rc, entered
         cdef Target t
         cdef uint64_t gen
+        cdef Py_ssize_t single = 0     # entries of a short batch-device run still to go
         if not ring._live:
             return 0
         try:
@@ -392,10 +397,17 @@ cdef class Dispatcher:
                 if rc != KC_OK:
                     raise _corrupted(&ring._r, rc, bad, idx)
                 t = self._find(e.phys_addr, e.len, e.pio)
-                if t is not None and t.write_many is not None:
-                    self._deliver_run(ring, t, &e, &idx, min(n - i, _BATCH_LIMIT), &taken)
-                    i += taken
-                    continue
+                if t is not None and t.write_many is not None and single == 0:
+                    # A run this long goes to write_many; a shorter one is
+                    # cheaper entry by entry.
+                    taken = self._run_length(ring, t, idx, min(n - i, _BATCH_LIMIT))
+                    if taken >= _BATCH_MIN:
+                        self._deliver_run(ring, t, &e, &idx, taken, &taken)
+                        i += taken
+                        continue
+                    single = taken
+                if single:
+                    single -= 1
                 # Consumed before the device runs: a raising device never sees
                 # the same entry twice.
                 idx = kc_ring_next(&ring._r, idx)
@@ -414,12 +426,29 @@ cdef class Dispatcher:
         finally:
             ring._exit_consumer()
 
+    cdef Py_ssize_t _run_length(self, Ring ring, Target t, uint32_t idx, Py_ssize_t left):
+        """How many entries from *idx* (the first one t's) are for t's device, at most
+        *left*: a look, the entries stay where they are."""
+        cdef Py_ssize_t run = 1
+        cdef kc_entry e
+        cdef uint32_t bad = 0
+        cdef Target here
+        while run < left:
+            idx = kc_ring_next(&ring._r, idx)
+            if kc_ring_read(&ring._r, idx, &e, &bad) != KC_OK:
+                break
+            here = self._find(e.phys_addr, e.len, e.pio)
+            if here is None or here.device is not t.device:
+                break
+            run += 1
+        return run
+
     cdef int _deliver_run(self, Ring ring, Target t, kc_entry *e, uint32_t *idx,
                           Py_ssize_t left, Py_ssize_t *taken) except -1:
         """Hand the run of entries from *idx* (the first, *e*, already read, for
         *t*) that are all for t's device, through any of its mappings, to its
         write_many: at most *left*, as copies rebased to device offsets."""
-        cdef Py_ssize_t run = 0
+        cdef Py_ssize_t run = 0, j
         cdef uint32_t bad = 0
         cdef Target here = t
         cdef kc_entry *out
@@ -430,9 +459,7 @@ cdef class Dispatcher:
         while True:
             # The copy is what was checked (kc_ring_read validated it): a
             # peer writing the slot now cannot change what the device gets.
-            out = <kc_entry *>(self._scratch + run * KC_ENTRY_SIZE)
-            memcpy(out, e, KC_ENTRY_SIZE)
-            out.phys_addr = e.phys_addr - here.delta
+            memcpy(self._scratch + run * KC_ENTRY_SIZE, e, KC_ENTRY_SIZE)
             _count(here, self._gen, 1)
             run += 1
             idx[0] = kc_ring_next(&ring._r, idx[0])
@@ -447,6 +474,11 @@ cdef class Dispatcher:
         ring._taken += run
         taken[0] = run
         self.delivered += run
+        # Rebased to device offsets, each by its own mapping (no Python code
+        # has run since they were found).
+        for j in range(run):
+            out = <kc_entry *>(self._scratch + j * KC_ENTRY_SIZE)
+            out.phys_addr -= self._find(out.phys_addr, out.len, out.pio).delta
         t.batches += 1
         records = self._records(PyBytes_FromStringAndSize(<const char *>self._scratch,
                                                           run * KC_ENTRY_SIZE))

@@ -84,7 +84,8 @@ def test_a_batch_device_interleaved_with_per_entry_ones_sees_ring_order():
     reg = logs.device("plain")
     bus.map(fb, 0x1000, 0x100, coalesced=True, device_offset=0x40)
     bus.map(reg, 0x2000, 4, coalesced=True)
-    order = ["batch", "batch", "plain", "batch", "plain", "plain", "batch", "batch", "batch"]
+    order = (["batch"] * 8 + ["plain"] + ["batch"] * 3 + ["plain"] * 2 + ["batch"] * 9
+             + ["plain"] + ["batch"])
     expected = []
     for i, who in enumerate(order):
         addr = 0x1000 + 4 * i if who == "batch" else 0x2000
@@ -92,11 +93,13 @@ def test_a_batch_device_interleaved_with_per_entry_ones_sees_ring_order():
         expected.append((who, addr - 0x1000 + 0x40 if who == "batch" else 0, 4, i))
     assert bus.flush() == len(order)
     assert logs.log == expected
-    assert type(fb).calls == 3                    # runs [0 1] [3] [6 7 8]
-    assert fb.kinds == ["ndarray"] * 3
+    # Runs of 8 and 9 are batches; those of 3 and 1 come through write().
+    assert type(fb).calls == 2
+    assert fb.kinds == ["ndarray"] * 2
     stats = bus.find(0x1000).stats()
-    assert stats["delivered"] == 6 and stats["largest_batch"] == 6 and stats["flushes"] == 1
-    assert stats["batches"] == 3
+    assert stats["delivered"] == 21 and stats["largest_batch"] == 21 and stats["flushes"] == 1
+    assert stats["batches"] == 2
+    assert kvmcoal.BATCH_MIN == 8
     bus.close()
     vm.close()
 
@@ -137,11 +140,12 @@ def test_a_batch_device_without_numpy_gets_a_memoryview(monkeypatch):
             got.append((type(records), records.readonly, bytes(records)))
 
     bus.map(Raw(), 0x1000, 16, coalesced=True)
-    assert _write(vm, 0x1004, 0xAABBCCDD)
+    for _ in range(8):
+        assert _write(vm, 0x1004, 0xAABBCCDD)
     bus.flush()
     (kind, readonly, raw), = got
     assert kind is memoryview and readonly           # phys_addr holds the device offset:
-    assert raw == kvmcoal.ENTRY_STRUCT.pack(0x4, 4, 0, bytes.fromhex("ddccbbaa") + bytes(4))
+    assert raw == kvmcoal.ENTRY_STRUCT.pack(0x4, 4, 0, bytes.fromhex("ddccbbaa") + bytes(4)) * 8
     bus.close()
     vm.close()
 
@@ -164,15 +168,17 @@ def test_a_raising_batch_device_consumes_its_run_and_the_rest_follow_in_order():
     bus.unmap(bus.find(0x1000))
     bus.map(fb, 0x1000, 0x100, coalesced=True)        # write_many looked up again
     bus.map(logs.device("plain"), 0x2000, 4, coalesced=True)
-    for i in range(3):
+    for i in range(10):
         assert _write(vm, 0x1000, i)
-    assert _write(vm, 0x2000, 9)
-    assert _write(vm, 0x1000, 7)
+    assert _write(vm, 0x2000, 99)
+    for i in range(10, 20):
+        assert _write(vm, 0x1000, i)
     with pytest.raises(RuntimeError, match="device failed"):
         bus.flush()
-    assert calls == [3] and logs.log == []
-    assert bus.flush() == 2                           # never the failed run again
-    assert logs.log == [("plain", 0, 4, 9), ("batch", 0, 4, 7)]
+    assert calls == [10] and logs.log == []
+    assert bus.flush() == 11                          # never the failed run again
+    assert calls == [10, 10]
+    assert logs.log == [("plain", 0, 4, 99)] + [("batch", 0, 4, i) for i in range(10, 20)]
     bus.close()
     vm.close()
 
