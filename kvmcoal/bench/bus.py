@@ -188,6 +188,9 @@ def measure(repeat: int, blocks: int, progress: Progress | None = None) -> Secti
         ]
         per_block, times, block_best = time_blocks(methods, repeat, blocks, rotate=True)
         threads = w.threads_with_pollers()
+        many = w.buses[MANY].stats()
+        stats = {"delivery_bus": w.bus.stats(), "delivery_vm": w.vm.stats(),
+                 f"bus_of_{MANY}": {k: v for k, v in many.items() if k != "mappings"}}
     finally:
         w.close()
     entry_methods = ("deliver", "deliver_batch", "plain")
@@ -204,6 +207,7 @@ def measure(repeat: int, blocks: int, progress: Progress | None = None) -> Secti
                     f"{threads} (the target: at most 2)"],
         "repeat": per_block * blocks, "blocks": blocks, "entries": w.entries,
         "poller_threads_total": threads,
+        "stats": stats,
         "methods": results,
         "ratios": [
             ratio(f"bus.read: {MANY} devices / 1", results, "read_many", "read_1", block_best,

@@ -344,6 +344,17 @@ class BusRun(PythonRun):
         self._seconds = time.perf_counter() - start
         return self._seconds
 
+    def finish(self) -> dict[str, Any]:
+        vcpu, vm, bus, device, seconds = (self._vcpu, self._vm, self._bus, self._device,
+                                          self._seconds)
+        if vcpu is None or vm is None or bus is None or device is None or seconds is None:
+            raise RuntimeError("run() first")
+        device.check_complete()
+        stats = {"vm": vm.stats(), "vcpu": vcpu.stats(), "bus": bus.stats()}
+        exits = vcpu.exit_count
+        self.close()
+        return self._record(exits, seconds, stats=stats)
+
     def close(self) -> None:
         if self._bus is not None:
             self._bus.close()
@@ -571,6 +582,8 @@ def measure(stores: int, blocks: int, progress: Progress | None = None) -> Secti
             "exits": exits[0] if len(exits) == 1 else exits,
             "stores_per_s": rates,
         }
+        if "stats" in got[-1]:       # the last run's VM, vCPU and Bus statistics
+            methods[key]["stats"] = got[-1]["stats"]
     per_block = {key: m.get("stores_per_s", []) for key, m in methods.items()}
     ratios: list[Ratio] = [
         ratio(f"stores/s: {SHORT[num]} / {SHORT[den]}", methods, num, den, per_block, op, target,
