@@ -279,9 +279,10 @@ class BusCheckingDevice:
     def __init__(self, expected: list[Write]) -> None:
         self._list = [(addr - (0 if pio else MMIO_BASE), len(data),
                        int.from_bytes(data, "little")) for addr, data, pio in expected]
-        # The records write_many gets: offsets in place of addresses.
-        self._records = memoryview(b"".join(ENTRY.pack(o, s, int(p), d) for (o, s, _v), (_a, d, p)
-                                            in zip(self._list, expected)))
+        # The records write_many gets: offsets in place of addresses.  bytes,
+        # whose slices compare with memcmp (a memoryview's compare item by item).
+        self._records = b"".join(ENTRY.pack(o, s, int(p), d) for (o, s, _v), (_a, d, p)
+                                 in zip(self._list, expected))
         self.count = 0
 
     def write(self, offset: int, size: int, value: int) -> None:
