@@ -82,6 +82,7 @@ cdef extern from "ring_impl.h" nogil:
     int kc_ring_signal(const kc_ring *r)
     int kc_ring_notify_producer(const kc_ring *r)
     int kc_ring_signalled(const kc_ring *r)
+    void kc_ring_set_pending(kc_ring *r, kc_pending *p, uint32_t bit)
     int kc_ring_notify_consumer_idle(const kc_ring *r, int force)
     int kc_wait_readable(int efd, int timeout_ms)
     size_t kc_records_first_bad(const void *records, size_t n, uint32_t *len, uint32_t *pio)

@@ -115,6 +115,7 @@ cdef inline void _count(Target t, uint64_t gen, uint64_t k) noexcept:
 
 
 @cython.final
+@cython.no_gc_clear     # __dealloc__ needs _slots: the rings must leave the set it frees
 cdef class Dispatcher:
     """Dispatcher(unmapped, records)
 

@@ -431,8 +431,7 @@ cdef class Ring:
 
     cdef void _join_pending(self, kc_pending *p, uint32_t bit) noexcept:
         pthread_mutex_lock(&self._plock)
-        self._r.pending = p
-        self._r.pending_bit = bit
+        kc_ring_set_pending(&self._r, p, bit)
         if p != NULL:
             # Entries already in it claimed no wakeup into the set: look once.
             kc_pending_mark(p, bit)

@@ -312,9 +312,16 @@ int kc_ring_claim_wakeup(const kc_ring *r)
     if (!__atomic_compare_exchange_n(r->signaled, &expected, 1, 0, __ATOMIC_SEQ_CST,
                                      __ATOMIC_RELAXED))
         return 0;
-    if (r->pending)
-        kc_pending_mark(r->pending, r->pending_bit);
+    kc_pending *p = __atomic_load_n(&r->pending, __ATOMIC_ACQUIRE);
+    if (p)
+        kc_pending_mark(p, __atomic_load_n(&r->pending_bit, __ATOMIC_RELAXED));
     return 1;
+}
+
+void kc_ring_set_pending(kc_ring *r, kc_pending *p, uint32_t bit)
+{
+    __atomic_store_n(&r->pending_bit, bit, __ATOMIC_RELAXED);
+    __atomic_store_n(&r->pending, p, __ATOMIC_RELEASE);
 }
 
 /* The eventfd's O_NONBLOCK belongs to its open file description, which every

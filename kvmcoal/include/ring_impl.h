@@ -356,6 +356,9 @@ static inline int kc_ring_signalled(const kc_ring *r)
 {
     return r->signaled && __atomic_load_n(r->signaled, __ATOMIC_SEQ_CST) != 0;
 }
+/* Join the pending set p as bit (NULL: leave it); under the producer lock.
+ * Atomic: a consumer re-signalling on its idle path reads it without that lock. */
+void kc_ring_set_pending(kc_ring *r, kc_pending *p, uint32_t bit);
 /* force = 0 reads the eventfd only when the signalled word says it was
  * signalled (a consumer pass that found the ring empty makes no system
  * call); force = 1 reads it regardless, as a consumer about to sleep must (a
