@@ -20,6 +20,7 @@ cdef class Target:
     cdef object write_many       # None: the device takes entries one by one
     cdef Ring ring               # the mapping's own buffer's ring, or None
     cdef int slot                # its bit in the dispatcher's pending set, or -1
+    cdef bint retiring           # unmapped during a flush that still delivers to it
     # Statistics; gen is the flush that last delivered here.
     cdef uint64_t delivered, direct, flushes, largest_batch, batches, batch, gen
 
@@ -35,6 +36,9 @@ cdef class Dispatcher:
     cdef object _vm_ring_source  # called until it returns that ring (kvm.Vm maps it late)
     cdef kc_pending *_pending
     cdef list _slots             # bit -> Target
+    cdef list _slot_rings        # bit -> its Ring (for __dealloc__)
+    cdef list _retiring          # Targets unmapped during this flush
+    cdef tuple _live_mmio, _live_pio
     cdef list _free_slots
     cdef object _unmapped        # Bus._unmapped
     cdef object _records         # bytes -> what write_many receives
@@ -49,7 +53,7 @@ cdef class Dispatcher:
     cdef int _delivering
     cdef unsigned char *_scratch
     cdef uint64_t _gen           # one per flush or drain() (Target.gen)
-    cdef readonly uint64_t flushes, flushes_with_entries, delivered
+    cdef readonly uint64_t flushes, flushes_with_entries, delivered, unmapped, direct
 
     cdef Target _find(self, uint64_t addr, uint32_t size, bint pio)
     cdef bint _maybe_pending(self) except -1

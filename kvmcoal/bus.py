@@ -98,7 +98,11 @@ class BatchDevice(Device, Protocol):
     at most :data:`BATCH_LIMIT` records, and one of fewer than
     :data:`BATCH_MIN` (8) comes through ``write``, entry by entry, which
     costs less than making the records (a device whose writes interleave
-    with another's one for one gets no batches at all).  Writes that exit (not coalesced,
+    with another's one for one gets no batches at all).  A run is consumed
+    before the call: if write_many raises, the whole run counts as
+    delivered and the entries after it stay queued.  ``write_many`` (like
+    ``write``) is looked up when the device is mapped; one that is not
+    callable is ignored.  Writes that exit (not coalesced,
     or refused by a full ring) still arrive through ``write``.  The records
     are a copy: the device may keep them.
     """
@@ -165,18 +169,24 @@ class Mapping:
 
         ``delivered``: coalesced writes delivered from rings; ``direct``:
         writes delivered at once (exits, or :meth:`Bus.write` on a
-        non-coalesced mapping or a full ring); ``flushes``: flushes (and
-        poller passes) that found entries for it; ``largest_batch``: the
-        most entries it received in one of those; ``batches``: write_many
-        calls (a batch device's, see :class:`BatchDevice`); ``buffer``: its own
-        buffer's :meth:`~kvmcoal.CoalescedBuffer.stats`, or None.
+        non-coalesced mapping or a full ring; reads are not counted);
+        ``flushes``: flushes (and poller passes) that found entries for it;
+        ``largest_batch``: the most entries it received in one of those,
+        whether one by one or in batches; ``batches``: write_many calls (a
+        batch device's, see :class:`BatchDevice`; counted on the mapping of
+        a run's first entry); ``buffer``: its own buffer's
+        :meth:`~kvmcoal.CoalescedBuffer.stats`, or None.
         """
         out: dict[str, Any] = {"device": type(self.device).__name__, "base": self.base,
                                "size": self.size, "pio": self.pio, "coalesced": self.coalesced}
         out.update(self._target.stats() if self._target is not None else
                    {"delivered": 0, "direct": 0, "flushes": 0, "largest_batch": 0, "batches": 0})
-        out["buffer"] = (self.buffer.stats() if self.buffer is not None
-                         and not self.buffer.closed else None)
+        out["buffer"] = None
+        if self.buffer is not None:
+            try:
+                out["buffer"] = self.buffer.stats()
+            except ValueError:       # closed meanwhile (unmapped on another thread)
+                pass
         return out
 
     def __str__(self) -> str:
@@ -240,8 +250,7 @@ class Bus:
         self._closed = False
         self.unmapped = unmapped
         self.unmapped_accesses = 0
-        self.direct_writes = 0
-        """Writes :meth:`write` delivered at once (not coalesced, or refused by a full ring)."""
+        self._direct_writes = 0
         self._maps: dict[bool, list[Mapping]] = {False: [], True: []}
         # Every delivery from a ring happens under the dispatcher's lock,
         # taken before any ring's consumer lock: a device that reads the bus
@@ -348,7 +357,12 @@ class Bus:
         return mapping
 
     def unmap(self, mapping: Mapping) -> None:
-        """Remove *mapping*, first delivering every write still pending for it."""
+        """Remove *mapping*, first delivering every write still pending for it.
+
+        From a device that a flush is delivering to, it stops the mapping's
+        writes from coalescing at once, and the flush still delivers the
+        entries already queued for it, in order, before letting it go.
+        """
         if mapping not in self._maps[mapping.pio]:
             raise BusError(f"{mapping} is not mapped on this bus")
         if (mapping.buffer is not None and not mapping.buffer.closed
@@ -370,6 +384,12 @@ class Bus:
                 producer.unregister_coalesced_mmio2(mapping.zone, mapping.buffer)  # type: ignore[attr-defined]
             else:
                 producer.unregister_coalesced_mmio(mapping.zone)
+            if mapping.buffer is None and self._dispatch.flushing_here():
+                # A device unmapping this mapping from the flush delivering to
+                # it: that flush, further up this thread's stack, still
+                # delivers what is queued for it, in order, then lets it go.
+                self._remove_mapping(mapping, retire=True)
+                return
             try:
                 self.flush()
                 if mapping.buffer is not None:
@@ -386,10 +406,12 @@ class Bus:
         else:
             self._remove_mapping(mapping)
 
-    def _remove_mapping(self, mapping: Mapping) -> None:
+    def _remove_mapping(self, mapping: Mapping, *, retire: bool = False) -> None:
         # Copy-on-write, as in map().  The pollers forget its buffer first:
         # its eventfd is about to be closed.
         with self._maps_lock:
+            if retire:
+                self._dispatch.retire(mapping._target)
             if mapping.buffer is not None:
                 if self._pollers is not None:
                     self._pollers.remove(mapping)
@@ -448,7 +470,7 @@ class Bus:
             if write is not None and write(addr, value.to_bytes(size, "little"), pio=pio):
                 return
             self.flush()   # refused (ring full): the exit path, after what is queued
-        self.direct_writes += 1
+        self._direct_writes += 1
         target.count_direct()
         mapping.device.write(addr - mapping.delta, size, value)
 
@@ -496,7 +518,8 @@ class Bus:
         The threads sleep in one epoll set holding every own buffer's
         eventfd (mappings made later join it, unmapped ones leave it), so a
         bus of hundreds of doorbells needs *threads* threads and two fds
-        more than its buffers.  Idempotent once started.  A device that
+        more than its buffers.  Called again, it starts threads up to
+        *threads* (never stops any).  A device that
         raises is recorded in :attr:`poller_errors` and the pollers go on;
         a buffer whose ring is corrupted is recorded once and no longer
         polled.
@@ -571,18 +594,30 @@ class Bus:
             try:
                 await buf.wait_async()
                 self._dispatch.drain(mapping._target)
-            except ValueError:
+            except RingCorruptedError as exc:
+                self.poller_errors.append((mapping, exc))   # as a poller thread does
+                return
+            except Exception as exc:
                 if buf.closed:       # unmapped, or the bus closed: end, as a poller does
                     return
-                raise
+                # A device model failed: keep the error, keep polling.
+                self.poller_errors.append((mapping, exc))
 
     def close(self) -> None:
         """Flush, stop the pollers, unmap everything.  Idempotent.
+
+        Raises RuntimeError, closing nothing, when called from a device the
+        bus is delivering to (close it after that delivery returns).
 
         If the flush raises (a device failed, a ring is corrupted), the
         pollers are still stopped and everything unmapped; then it raises.
         A Bus dropped without close() is closed when it is collected.
         """
+        if self._dispatch.owned():
+            # From a device this bus is delivering to: the delivery holds the
+            # rings (and the pollers) that closing must take away.
+            raise RuntimeError("Bus.close() called from a device the bus is delivering to "
+                               "(a flush or a poller): close it after that delivery returns")
         with self._maps_lock:
             if self._closed:
                 return
@@ -620,10 +655,12 @@ class Bus:
     def stats(self) -> dict[str, Any]:
         """Counters of the bus and of each mapping, as plain values (see :meth:`Mapping.stats`).
 
-        ``flushes``: flushes that had something to do (a flush that finds
-        nothing pending returns before counting); ``flushes_with_entries``:
-        those that delivered entries; ``delivered``: entries delivered from
-        rings; ``direct_writes``, ``unmapped_accesses`` as the attributes;
+        ``flushes``: flushes that looked at a ring (one that finds nothing
+        pending, the VM ring empty and no buffer marked, returns before
+        counting); ``flushes_with_entries``: those that delivered entries;
+        ``delivered``: entries delivered from rings to devices (not those no
+        mapping held, which count in ``unmapped_accesses``);
+        ``direct_writes``, ``unmapped_accesses`` as the attributes;
         ``poller_threads``; ``fds``: the fds its buffers and pollers hold.
         """
         d = self._dispatch
@@ -637,6 +674,12 @@ class Bus:
                 "mappings": [m.stats() for m in self.mappings]}
 
     # -- helpers --
+
+    @property
+    def direct_writes(self) -> int:
+        """Writes delivered at once, not from a ring: :meth:`write`'s to a mapping that
+        is not coalesced or whose ring was full, and the exits :meth:`deliver` got."""
+        return self._direct_writes + self._dispatch.direct  # type: ignore[no-any-return]
 
     @property
     def closed(self) -> bool:

@@ -99,8 +99,9 @@ class EmulatedVm(ZoneRegistry, _zone_bus._ZoneBus):
 
         ``coalesced_writes``: writes recorded into a ring; ``ring_full_refusals``:
         writes a zone held but whose ring was full (or closed), which took
-        the exit path; ``exits``: writes that took the exit path, by kind
-        (``"mmio"``, ``"pio"``; the refused ones included); ``flushes``:
+        the exit path; ``exits``: writes that took the exit path, by the
+        ``KVM_EXIT_*`` reason KVM would give them (``"MMIO"``, ``"IO"``; the
+        refused ones included), as :meth:`kvmcoal.kvm.Vm.stats` has them; ``flushes``:
         consumer calls that took entries from the VM-wide ring;
         ``ring``: that ring's depth high-water mark and entries consumed;
         ``buffers``: how many per-device buffers are open.  Readable after
@@ -109,7 +110,7 @@ class EmulatedVm(ZoneRegistry, _zone_bus._ZoneBus):
         coalesced, refused, mmio, pio = self._write_stats()
         high, taken, passes = self._vm_ring._ring._stats()
         return {"coalesced_writes": coalesced, "ring_full_refusals": refused,
-                "exits": {"mmio": mmio, "pio": pio}, "flushes": passes,
+                "exits": {"MMIO": mmio, "IO": pio}, "flushes": passes,
                 "ring": {"depth_high_water": high, "entries_consumed": taken},
                 "buffers": sum(1 for buf in self._buffers if not buf.closed)}
 

@@ -41,6 +41,7 @@ cdef extern from *:
     int __builtin_ctzll(unsigned long long x) nogil
 
 cdef extern from "Python.h":
+    bint PyObject_CheckBuffer(object o)
     bint PyMethod_Check(object o)
     PyObject *PyMethod_GET_FUNCTION(object o)    # borrowed
     PyObject *PyMethod_GET_SELF(object o)
@@ -132,20 +133,25 @@ cdef class Dispatcher:
         if self._pending == NULL:
             raise MemoryError()
         self._slots = [None] * KC_PENDING_BITS
+        self._slot_rings = [None] * KC_PENDING_BITS
         self._free_slots = list(range(KC_PENDING_BITS - 1, -1, -1))
+        self._retiring = []
+        self._live_mmio = ()
+        self._live_pio = ()
 
     def __init__(self, unmapped, records):
         self._unmapped = unmapped
         self._records = records
 
     def __dealloc__(self):
-        cdef Target t
+        cdef Ring ring
         # Rings outlive us (their buffers hold them): they must stop marking
-        # a set that is about to be freed.
-        if self._slots is not None:
-            for t in self._slots:
-                if t is not None and t.ring is not None:
-                    t.ring._join_pending(NULL, 0)
+        # a set that is about to be freed.  Our own list of them, not the
+        # Targets': the GC may have cleared a Target's fields already.
+        if self._slot_rings is not None:
+            for ring in self._slot_rings:
+                if ring is not None:
+                    ring._join_pending(NULL, 0)
         PyMem_Free(self._pending)
         PyMem_Free(self._scratch)
         pthread_mutex_destroy(&self._lock)
@@ -159,14 +165,49 @@ cdef class Dispatcher:
         self._vm_ring_source = source
 
     def set_targets(self, bint pio, targets):
-        """Install the targets of one kind, MMIO or port I/O (any order)."""
-        ordered = tuple(sorted(targets, key=_base_of))
+        """Install the mapped targets of one kind, MMIO or port I/O (any order)."""
+        live = tuple(sorted(targets, key=_base_of))
+        if pio:
+            self._live_pio = live
+        else:
+            self._live_mmio = live
+        self._install(pio)
+
+    def _install(self, bint pio):
+        # Delivery also sees the targets retiring (unmapped during this
+        # flush, whose queued entries it still delivers), unless a mapping
+        # made since covers their range.
+        cdef Target r, t
+        cdef list extra = []
+        cdef bint covered
+        live = self._live_pio if pio else self._live_mmio
+        for r in self._retiring:
+            if r.pio != pio:
+                continue
+            covered = False
+            for t in live:
+                if r.base <= t.last and t.base <= r.last:
+                    covered = True
+                    break
+            if not covered:
+                extra.append(r)
+        ordered = tuple(sorted([*live, *extra], key=_base_of)) if extra else live
         if pio:
             self._pio = ordered
             self._last_pio = None
         else:
             self._mmio = ordered
             self._last_mmio = None
+
+    def retire(self, Target t not None):
+        """*t* was unmapped by a device during this thread's flush: that flush
+        still delivers the entries queued for it, then lets it go."""
+        t.retiring = True
+        self._retiring.append(t)
+
+    def flushing_here(self):
+        """Whether this thread is inside a flush (a device it is delivering to)."""
+        return self._in_flush and self._owner == kc_thread_ident()
 
     def add_buffer(self, Target t not None):
         """Put *t*'s own ring in the pending set."""
@@ -176,14 +217,16 @@ cdef class Dispatcher:
             raise RuntimeError(f"a Bus delivers at most {KC_PENDING_BITS} own buffers")
         t.slot = self._free_slots.pop()
         self._slots[t.slot] = t
+        self._slot_rings[t.slot] = t.ring
         t.ring._join_pending(self._pending, t.slot)
 
     def remove_buffer(self, Target t not None):
         """Take *t*'s ring out of the pending set (idempotent)."""
         if t.slot < 0:
             return
-        t.ring._join_pending(NULL, 0)
+        (<Ring>self._slot_rings[t.slot])._join_pending(NULL, 0)
         self._slots[t.slot] = None
+        self._slot_rings[t.slot] = None
         self._free_slots.append(t.slot)
         t.slot = -1
 
@@ -193,13 +236,15 @@ cdef class Dispatcher:
         if addr < 0 or addr >= 1 << 64 or size < 1 or size > 8:
             return None
         t = self._find(addr, size, pio)
-        return None if t is None else t.mapping
+        return None if t is None or t.retiring else t.mapping
 
     def target(self, addr, size, bint pio):
         """The Target holding ``[addr, addr + size)``, or None."""
+        cdef Target t
         if addr < 0 or addr >= 1 << 64 or size < 1 or size > 8:
             return None
-        return self._find(addr, size, pio)
+        t = self._find(addr, size, pio)
+        return None if t is None or t.retiring else t
 
     cdef Target _find(self, uint64_t addr, uint32_t size, bint pio):
         cdef Target t = self._last_pio if pio else self._last_mmio
@@ -275,6 +320,7 @@ cdef class Dispatcher:
         ring's order; how many.  0 at once when called from a device a flush of
         this thread is delivering to, or when nothing is pending."""
         cdef Py_ssize_t n
+        cdef Target t
         if self._in_flush and self._owner == kc_thread_ident():
             return 0
         if self._forked:
@@ -285,7 +331,16 @@ cdef class Dispatcher:
             return 0
         self._acquire()
         try:
-            return self._flush_locked()
+            n = self._flush_locked()
+            # Mappings a device unmapped meanwhile have had everything queued
+            # for them (a flush that raised leaves them to the next one).
+            if self._retiring:
+                for t in self._retiring:
+                    t.retiring = False
+                self._retiring = []
+                self._install(False)
+                self._install(True)
+            return n
         finally:
             self._release()
 
@@ -415,10 +470,11 @@ cdef class Dispatcher:
                 kc_ring_publish_first(&ring._r, idx)
                 ring._taken += 1
                 i += 1
-                self.delivered += 1
                 if t is None:
+                    self.unmapped += 1
                     self._unmapped(e.phys_addr, e.len, bool(e.pio), "write")
                     continue
+                self.delivered += 1
                 _count(t, gen, 1)
                 self._call_write(t, &e)
             ring._passes += 1
@@ -514,7 +570,10 @@ cdef class Dispatcher:
         cdef Target t
         cdef Py_ssize_t n
         if type(data) is not bytes:
-            data = bytes(data)
+            if isinstance(data, int) or not PyObject_CheckBuffer(data):
+                raise TypeError(f"deliver() takes the data written as bytes, not "
+                                f"{type(data).__name__!r}")
+            data = memoryview(data).tobytes()
         n = len(<bytes>data)
         if not 1 <= n <= 8:
             raise ValueError(f"deliver(): data of {n} bytes; a write is 1 to 8")
@@ -529,6 +588,7 @@ cdef class Dispatcher:
             self._unmapped(addr, n, bool(pio), "write")
             return
         t.direct += 1
+        self.direct += 1
         self._call_write(t, &e)
 
 

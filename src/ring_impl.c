@@ -303,19 +303,23 @@ void kc_ring_set_notifier(kc_ring *r, int efd, uint32_t *signaled)
 int kc_ring_claim_wakeup(const kc_ring *r)
 {
     uint32_t expected = 0;
+    kc_pending *p = __atomic_load_n(&r->pending, __ATOMIC_ACQUIRE);
 
-    if (r->efd < 0)
+    if (r->efd < 0 && !p)
         return 0;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    /* The pending set is marked on every push, whatever the shared word
+     * says: a peer that scribbles on it must not hide entries from a
+     * flush.  The fence above orders the push before the look at the bit
+     * (see kc_pending_note). */
+    if (p)
+        kc_pending_note(p, __atomic_load_n(&r->pending_bit, __ATOMIC_RELAXED));
+    if (r->efd < 0)
+        return 0;
     if (__atomic_load_n(r->signaled, __ATOMIC_RELAXED) != 0)
         return 0;
-    if (!__atomic_compare_exchange_n(r->signaled, &expected, 1, 0, __ATOMIC_SEQ_CST,
-                                     __ATOMIC_RELAXED))
-        return 0;
-    kc_pending *p = __atomic_load_n(&r->pending, __ATOMIC_ACQUIRE);
-    if (p)
-        kc_pending_mark(p, __atomic_load_n(&r->pending_bit, __ATOMIC_RELAXED));
-    return 1;
+    return __atomic_compare_exchange_n(r->signaled, &expected, 1, 0, __ATOMIC_SEQ_CST,
+                                       __ATOMIC_RELAXED);
 }
 
 void kc_ring_set_pending(kc_ring *r, kc_pending *p, uint32_t bit)

@@ -22,7 +22,7 @@ import pytest
 import kvmcoal
 from kvmcoal import BATCH_LIMIT, Bus, EmulatedVm, Zone
 from kvmcoal.buffers import FDS_PER_BUFFER
-from kvmcoal.devices import Doorbell, Framebuffer, Uart16550
+from kvmcoal.devices import Doorbell, Framebuffer, FunctionDevice, Uart16550
 
 from .machines import Write
 
@@ -522,7 +522,7 @@ def test_vm_statistics_on_both_kernels(machine):
     assert stats["coalesced_writes"] == coalesced
     assert stats["ring_full_refusals"] == len(exits) - 1 > 0
     if capacity is not None:
-        assert coalesced == capacity and stats["exits"] == {"mmio": len(exits), "pio": 0}
+        assert coalesced == capacity and stats["exits"] == {"MMIO": len(exits), "IO": 0}
     else:
         assert stats["exits"]["MMIO"] == len(exits) and stats["exits"]["HLT"] == 1
         vstats = machine.vcpus[0].stats()
@@ -554,3 +554,142 @@ def test_bus_run_on_real_kvm_delivers_every_store_once_in_order(batch):
     assert mmio["direct"] + port["direct"] == result["exits"] - 1     # all but the HLT
     assert stats["vm"]["coalesced_writes"] + result["exits"] - 1 == 3000
     assert (mmio["batches"] > 0) == batch
+
+
+# -- what an audit found --
+
+def test_a_device_unmapping_another_mapping_mid_flush_loses_none_of_its_entries():
+    with EmulatedVm() as vm, Bus(vm, unmapped="ones") as bus:
+        bell = Doorbell()
+
+        class Unmapper:
+            def read(self, offset, size):
+                return 0
+
+            def write(self, offset, size, value):
+                bus.unmap(other)
+
+        bus.map(Unmapper(), 0x1000, 4, coalesced=True)
+        other = bus.map(bell, 0x2000, 4, coalesced=True)
+        for addr, value in [(0x2000, 10), (0x1000, 1), (0x2000, 11), (0x2000, 12)]:
+            bus.write(addr, 4, value)
+        assert bus.flush() == 4
+        assert bell.requests == [10, 11, 12] and bus.unmapped_accesses == 0
+        assert other not in bus.mappings and bus.find(0x2000) is None
+        assert not _write(vm, 0x2000, 13)            # no longer coalesced
+        bus.write(0x2000, 4, 13)                     # and nothing is there
+        assert bus.unmapped_accesses == 1 and bell.requests == [10, 11, 12]
+
+
+def test_a_device_unmapping_itself_mid_flush_gets_its_queued_entries():
+    with EmulatedVm() as vm, Bus(vm) as bus:
+        got = []
+
+        class Once:
+            def read(self, offset, size):
+                return 0
+
+            def write(self, offset, size, value):
+                got.append(value)
+                if value == 0:
+                    bus.unmap(me)
+                    bus.map(Doorbell(), 0x1000, 4)   # a new device at the same place
+
+        me = bus.map(Once(), 0x1000, 4, coalesced=True)
+        for i in range(3):
+            bus.write(0x1000, 4, i)
+        bus.flush()
+        # The new mapping covers the range: entries queued before it was
+        # made reach it, as writes to that address now would.
+        assert got == [0] and bus.find(0x1000).device.requests == [1, 2]
+
+
+def test_close_from_a_device_is_refused_and_leaves_the_bus_whole():
+    with EmulatedVm() as vm:
+        bus = Bus(vm)
+        got = []
+
+        class Closer:
+            def read(self, offset, size):
+                return 0
+
+            def write(self, offset, size, value):
+                got.append(value)
+                if value == 1:
+                    bus.close()
+
+        mapping = bus.map(Closer(), 0x1000, 4, coalesced=True, own_buffer=True)
+        for i in range(4):
+            bus.write(0x1000, 4, i)
+        with pytest.raises(RuntimeError, match="close it after that delivery returns"):
+            bus.flush()
+        assert not bus.closed and bus.mappings == [mapping]
+        assert bus.flush() == 2 and got == [0, 1, 2, 3]
+        bus.close()
+        assert bus.closed and mapping.buffer.closed
+
+
+def test_a_scribbled_signalled_word_does_not_hide_entries_from_a_flush():
+    with EmulatedVm() as vm, Bus(vm) as bus:
+        got = []
+
+        class Reg:
+            def read(self, offset, size):
+                return got[-1] if got else 0
+
+            def write(self, offset, size, value):
+                got.append(value)
+
+        mapping = bus.map(Reg(), 0x1000, 4, coalesced=True, own_buffer=True)
+        bus.write(0x1000, 4, 1)
+        bus.flush()
+        # A peer sets the shared signalled word for ever: no wakeup is claimed.
+        word = mapping.buffer.nbytes + 16
+        mapping.buffer._map[word:word + 4] = (1).to_bytes(4, "little")
+        bus.write(0x1000, 4, 7)
+        assert bus.read(0x1000, 4) == 7
+        while len(mapping.buffer.ring) < mapping.buffer.ring.capacity:
+            assert _write(vm, 0x1000, 5)
+        bus.write(0x1000, 4, 9999)                   # refused: flushed first, in order
+        assert got[-1] == 9999 and got.count(5) == mapping.buffer.ring.capacity
+
+
+def test_deliver_takes_bytes_not_ints():
+    with EmulatedVm() as vm, Bus(vm) as bus:
+        bell = bus.map(Doorbell(), 0x1000, 4).device
+        with pytest.raises(TypeError, match="as bytes"):
+            bus.deliver(0x1000, 4, False)
+        bus.deliver(0x1000, bytearray(b"\x02\0\0\0"), False)
+        assert bell.requests == [2] and bus.direct_writes == 1
+
+
+def test_poll_async_of_one_mapping_keeps_going_past_a_device_error():
+    async def main():
+        vm = EmulatedVm()
+        bus = Bus(vm)
+        got = []
+
+        def write(offset, size, value):
+            got.append(value)
+            if value == 1:
+                raise KeyError("device failed")
+
+        mapping = bus.map(FunctionDevice(write=write), 0x1000, 4, coalesced=True,
+                          own_buffer=True)
+        task = asyncio.ensure_future(bus.poll_async(mapping))
+        bus.write(0x1000, 4, 1)
+        for _ in range(200):
+            if bus.poller_errors:
+                break
+            await asyncio.sleep(0.01)
+        bus.write(0x1000, 4, 2)
+        for _ in range(200):
+            if got == [1, 2]:
+                break
+            await asyncio.sleep(0.01)
+        assert got == [1, 2] and isinstance(bus.poller_errors[0][1], KeyError)
+        assert not task.done()
+        bus.close()
+        await asyncio.wait_for(task, 5)
+        vm.close()
+    asyncio.run(main())

@@ -62,12 +62,17 @@ enum kc_push_result {
 
 /*
  * A set of rings that say when they hold entries, without a system call and
- * without being scanned (a Bus with hundreds of per-device buffers): a
- * producer that claims a ring's wakeup (the first entry after its consumer
- * went idle) also sets the ring's bit and `any`.  The consumer exchanges
- * `any`, then each word, with 0 and drains the rings whose bits were set;
- * a ring it leaves non-empty it marks again itself.  Process-local: a
- * producer in another process wakes the ring's eventfd but sets no bit.
+ * without being scanned (a Bus with hundreds of per-device buffers): after
+ * every push (a full fence after publishing `last`) a producer looks at the
+ * ring's bit and, if it is clear, sets it and `any`.  The consumer
+ * exchanges `any`, then each word, with 0 and drains the rings whose bits
+ * were set; a ring it leaves non-empty it marks again itself.  A producer
+ * that finds the bit set skips: the consumer has not taken it yet, so its
+ * later drain sees the entry (store-buffering: the fence against the
+ * consumer's exchange).  Producers of one ring hold its lock, so the one
+ * that set the bit set `any` before the next could look.  Process-local: a
+ * producer in another process (or through a second Ring over the same
+ * memory) wakes the ring's eventfd but sets no bit.
  */
 #define KC_PENDING_BITS 2048
 typedef struct kc_pending {
@@ -79,6 +84,14 @@ static inline void kc_pending_mark(kc_pending *p, uint32_t bit)
 {
     __atomic_fetch_or(&p->bits[bit / 64], (uint64_t)1 << (bit % 64), __ATOMIC_SEQ_CST);
     __atomic_store_n(&p->any, 1, __ATOMIC_SEQ_CST);
+}
+
+/* The producer's look after a push: set the bit (and `any`) unless it is set. */
+static inline void kc_pending_note(kc_pending *p, uint32_t bit)
+{
+    uint64_t mask = (uint64_t)1 << (bit % 64);
+    if (!(__atomic_load_n(&p->bits[bit / 64], __ATOMIC_SEQ_CST) & mask))
+        kc_pending_mark(p, bit);
 }
 
 /* The consumer's side: take `any`, then a word's bits, clearing them. */
