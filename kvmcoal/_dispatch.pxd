@@ -3,6 +3,8 @@
 cimport cython
 from libc.stdint cimport uint32_t, uint64_t
 
+from cpython.object cimport PyObject
+
 from kvmcoal._ring cimport Ring, kc_entry, kc_pending, pthread_mutex_t
 
 
@@ -36,7 +38,7 @@ cdef class Dispatcher:
     cdef object _vm_ring_source  # called until it returns that ring (kvm.Vm maps it late)
     cdef kc_pending *_pending
     cdef list _slots             # bit -> Target
-    cdef list _slot_rings        # bit -> its Ring (for __dealloc__)
+    cdef PyObject **_slot_rings  # bit -> its Ring, a reference of ours (for __dealloc__)
     cdef list _retiring          # Targets unmapped during this flush
     cdef tuple _live_mmio, _live_pio
     cdef list _free_slots

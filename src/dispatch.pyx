@@ -22,7 +22,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.long cimport PyLong_FromUnsignedLongLong
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
-from cpython.ref cimport Py_DECREF
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 
@@ -133,7 +133,9 @@ cdef class Dispatcher:
         if self._pending == NULL:
             raise MemoryError()
         self._slots = [None] * KC_PENDING_BITS
-        self._slot_rings = [None] * KC_PENDING_BITS
+        self._slot_rings = <PyObject **>PyMem_Calloc(KC_PENDING_BITS, sizeof(PyObject *))
+        if self._slot_rings == NULL:
+            raise MemoryError()
         self._free_slots = list(range(KC_PENDING_BITS - 1, -1, -1))
         self._retiring = []
         self._live_mmio = ()
@@ -144,14 +146,16 @@ cdef class Dispatcher:
         self._records = records
 
     def __dealloc__(self):
-        cdef Ring ring
+        cdef Py_ssize_t i
         # Rings outlive us (their buffers hold them): they must stop marking
-        # a set that is about to be freed.  Our own list of them, not the
-        # Targets': the GC may have cleared a Target's fields already.
-        if self._slot_rings is not None:
-            for ring in self._slot_rings:
-                if ring is not None:
-                    ring._join_pending(NULL, 0)
+        # a set that is about to be freed.  Our own references to them, in C:
+        # the GC may have emptied the lists and Targets that also hold them.
+        if self._slot_rings != NULL:
+            for i in range(KC_PENDING_BITS):
+                if self._slot_rings[i] != NULL:
+                    (<Ring>self._slot_rings[i])._join_pending(NULL, 0)
+                    Py_XDECREF(self._slot_rings[i])
+            PyMem_Free(self._slot_rings)
         PyMem_Free(self._pending)
         PyMem_Free(self._scratch)
         pthread_mutex_destroy(&self._lock)
@@ -217,7 +221,8 @@ cdef class Dispatcher:
             raise RuntimeError(f"a Bus delivers at most {KC_PENDING_BITS} own buffers")
         t.slot = self._free_slots.pop()
         self._slots[t.slot] = t
-        self._slot_rings[t.slot] = t.ring
+        Py_INCREF(t.ring)
+        self._slot_rings[t.slot] = <PyObject *>t.ring
         t.ring._join_pending(self._pending, t.slot)
 
     def remove_buffer(self, Target t not None):
@@ -226,7 +231,8 @@ cdef class Dispatcher:
             return
         (<Ring>self._slot_rings[t.slot])._join_pending(NULL, 0)
         self._slots[t.slot] = None
-        self._slot_rings[t.slot] = None
+        Py_XDECREF(self._slot_rings[t.slot])
+        self._slot_rings[t.slot] = NULL
         self._free_slots.append(t.slot)
         t.slot = -1
 

@@ -693,3 +693,32 @@ def test_poll_async_of_one_mapping_keeps_going_past_a_device_error():
         await asyncio.wait_for(task, 5)
         vm.close()
     asyncio.run(main())
+
+
+def test_a_dispatcher_collected_in_a_cycle_leaves_no_ring_pointing_at_its_pending_set():
+    """The GC empties the lists (and Targets) of a cycle before it frees the
+    Dispatcher: its rings must still leave the set it frees, or their next
+    push writes freed memory (this crashed)."""
+    code = """
+import gc
+from kvmcoal import EmulatedVm, Zone
+from kvmcoal._dispatch import Dispatcher, Target
+vm = EmulatedVm(); buf = vm.create_coalesced_buffer()
+vm.register_coalesced_mmio2(Zone(0x1000, 4), buf)
+class Dev:
+    def read(self, o, s): return 0
+    def write(self, o, s, v): pass
+class Source:
+    def __call__(self): return None
+d = Dispatcher(print, bytes); s = Source(); s.d = d; d.set_vm_ring(None, s)   # a cycle
+t = Target(None, Dev(), 0x1000, 4, False, 0x1000, buf.ring); d.add_buffer(t)
+del d, s, t
+gc.collect()
+spray = [bytes(230) for _ in range(20000)]
+for _ in range(100):
+    vm.write(0x1000, bytes(4)); buf.ring.drain()
+assert all(b == bytes(230) for b in spray)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd="/")
+    assert out.returncode == 0, out.stderr
