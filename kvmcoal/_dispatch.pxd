@@ -58,6 +58,7 @@ cdef class Dispatcher:
     cdef readonly uint64_t flushes, flushes_with_entries, delivered, unmapped, direct
 
     cdef Target _find(self, uint64_t addr, uint32_t size, bint pio)
+    cdef int _install(self, bint pio) except -1
     cdef bint _maybe_pending(self) except -1
     cdef int _acquire(self) except -1
     cdef void _release(self) noexcept

@@ -177,7 +177,7 @@ cdef class Dispatcher:
             self._live_mmio = live
         self._install(pio)
 
-    def _install(self, bint pio):
+    cdef int _install(self, bint pio) except -1:
         # Delivery also sees the targets retiring (unmapped during this
         # flush, whose queued entries it still delivers), unless a mapping
         # made since covers their range.
@@ -202,6 +202,7 @@ cdef class Dispatcher:
         else:
             self._mmio = ordered
             self._last_mmio = None
+        return 0
 
     def retire(self, Target t not None):
         """*t* was unmapped by a device during this thread's flush: that flush
