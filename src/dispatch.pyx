@@ -11,7 +11,7 @@ a run of entries handed at once to a batch device's ``write_many``.
 Which buffers hold entries is known without a system call and without
 looking at every buffer: each buffer's ring belongs to the dispatcher's
 pending set (kc_pending in ring_impl.h), whose bit for it the producer sets
-when it claims the ring's wakeup.  A flush that finds the VM ring empty,
+after every push.  A flush that finds the VM ring empty,
 no bit set and no drain in progress returns at once.
 
 Every call here runs with the GIL held, except while it waits for a lock.
